@@ -1,0 +1,33 @@
+"""Build a model from a config: the one place that knows every modality."""
+
+from __future__ import annotations
+
+from data2vec.config import Config, ModelConfig
+from data2vec.modalities.base import FrontEnd
+from data2vec.nn.transformer import TransformerEncoder
+from data2vec.objective.data2vec import Data2Vec
+
+
+def build_frontend(modality: str, model_cfg: ModelConfig) -> FrontEnd:
+    """The modality's front-end, projecting to the encoder width."""
+    from data2vec.modalities import image, speech, text
+
+    builders = {"speech": speech.build_frontend, "image": image.build_frontend,
+                "text": text.build_frontend}
+    return builders[modality](model_cfg.frontend, model_cfg.encoder.dim)
+
+
+def build_encoder(model_cfg: ModelConfig, frontend: FrontEnd) -> TransformerEncoder:
+    """The shared transformer, given the front-end's patch grid (for relative position bias)."""
+    return TransformerEncoder(model_cfg.encoder, window_size=frontend.window_size)
+
+
+def build_model(cfg: Config) -> Data2Vec:
+    """data2vec model (student + EMA teacher) for ``cfg.modality`` and ``cfg.version``."""
+    frontend = build_frontend(cfg.modality, cfg.model)
+    encoder = build_encoder(cfg.model, frontend)
+    if cfg.version == 2:
+        from data2vec.objective.data2vec2 import Data2VecV2
+
+        return Data2VecV2(frontend, encoder, cfg.model)
+    return Data2Vec(frontend, encoder, cfg.model.objective)
