@@ -12,10 +12,10 @@ from torch import Tensor
 class Batch:
     """One collated batch.
 
-    source:         speech (B, S) float waveform; image (B, C, H, W) float; text (B, L) long ids.
-    padding_mask:   True = padding, over `source` positions (speech samples, text tokens); None = none.
+    source:         speech (B, S) float waveform; image (B, C, H, W); text (B, L) long ids.
+    padding_mask:   True = padding, over `source` positions (speech samples, text tokens).
     mask:           True = masked, over the front-end's output positions (speech frames, image
-                    patches, text tokens), extra tokens such as CLS excluded. For data2vec 2.0 it has
+                    patches, text tokens), extra tokens such as CLS excluded. data2vec 2.0:
                     B * clone_batch rows (clones of an example are adjacent). None = no masking.
     student_source: text only: token ids after the masking replacement (``<mask>`` / random /
                     kept); the teacher always reads the clean ``source``.

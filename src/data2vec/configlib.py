@@ -1,4 +1,4 @@
-"""Typed dataclass configs from plain dicts / YAML, with dotted overrides and errors that name the key.
+"""Typed dataclass configs from dicts / YAML, dotted overrides, errors that name the key.
 
 The schema *is* the dataclasses: a key that is not a field fails with the closest field names,
 a value of the wrong type fails naming the key, the expected type and the value.
@@ -167,7 +167,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """Turn ``["model.encoder.depth=6", "optim.lr=1e-3"]`` into a nested dict (values parsed as YAML)."""
+    """``["model.encoder.depth=6", "optim.lr=1e-3"]`` -> nested dict (values read as YAML)."""
     out: dict[str, Any] = {}
     for item in items:
         if "=" not in item:

@@ -20,7 +20,8 @@ def attention_bias(padding_mask: Tensor | None, attn_bias: Tensor | None,
         return attn_bias.to(dtype) if attn_bias is not None else None
     pad = padding_mask[:, None, None, :]  # (B, 1, 1, T)
     if attn_bias is None:
-        return torch.zeros(pad.shape, dtype=dtype, device=pad.device).masked_fill(pad, float("-inf"))
+        zeros = torch.zeros(pad.shape, dtype=dtype, device=pad.device)
+        return zeros.masked_fill(pad, float("-inf"))
     return attn_bias.to(dtype).masked_fill(pad, float("-inf"))
 
 

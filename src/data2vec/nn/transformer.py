@@ -8,8 +8,13 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from data2vec.nn.attention import AttentionImpl, QkvBias, RelativePositionBias, attention_bias
-from data2vec.nn.attention import Attention
+from data2vec.nn.attention import (
+    Attention,
+    AttentionImpl,
+    QkvBias,
+    RelativePositionBias,
+    attention_bias,
+)
 from data2vec.nn.layers import DropPath, LayerScale, Mlp
 
 TargetSource = Literal["ffn", "block"]

@@ -34,11 +34,11 @@ class ObjectiveConfig:
     top_k: int = 8
     """Average the target-layer outputs of the top K blocks."""
     layer_norm: LayerNorm = "instance"
-    """Per-layer target norm: 'instance' (over time per channel), 'layer' (parameter-free), 'none'."""
+    """Per-layer target norm: 'instance' (over time per channel), 'layer' (no params), 'none'."""
     final_norm: LayerNorm = "none"
     """Norm of the averaged target."""
     target_source: TargetSource = "ffn"
-    """'ffn' = feed-forward output before dropout/residual/LN; 'block' = end-of-block (v1 images)."""
+    """'ffn' = feed-forward output before dropout/residual/LN; 'block' = end of block."""
     loss_beta: float = 0.0
     """Smooth-L1 β; 0 = L2."""
     loss_scale: float | None = None

@@ -9,7 +9,7 @@ from torch import nn
 
 
 def ema_decay(step: int, start: float, end: float, anneal_steps: int) -> float:
-    """τ at optimizer update `step`: linear from `start` to `end` over `anneal_steps`, then `end`."""
+    """τ at update `step`: linear from `start` to `end` over `anneal_steps`, then `end`."""
     if anneal_steps <= 0 or step >= anneal_steps:
         return end
     return start + (end - start) * step / anneal_steps

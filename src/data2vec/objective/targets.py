@@ -1,4 +1,4 @@
-"""data2vec targets: normalise each of the teacher's top-K layer outputs, average, normalise again."""
+"""data2vec targets: normalise each top-K teacher layer output, average, normalise again."""
 
 from __future__ import annotations
 

@@ -1,0 +1,139 @@
+"""The ``data2vec`` command line: pretrain | prepare | plot, plus fine-tuning and interop."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from data2vec.errors import Data2VecError
+
+DEFAULT_RUNS = Path("runs")
+
+
+def _pretrain_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--modality", required=True, choices=["speech", "image", "text"])
+    p.add_argument("--preset", default="tiny", help="tiny | base | large (default tiny)")
+    p.add_argument("--version", type=int, default=1, choices=[1, 2])
+    p.add_argument("--config", help="YAML file merged over the preset")
+    p.add_argument("--data", help="data directory / manifest (default: the demo data)")
+    p.add_argument("--out", type=Path, help="run directory (default runs/<modality>-v<V>-<preset>)")
+    p.add_argument("--max-steps", type=int, help="optimizer updates (run.max_steps)")
+    p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable files and count them")
+    p.add_argument("overrides", nargs="*", metavar="key.path=value",
+                   help="dotted config overrides, e.g. model.encoder.depth=6 optim.lr=1e-3")
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from data2vec.config import load_config
+    from data2vec.train.pretrain import pretrain, saved_config
+
+    overrides = list(args.overrides)
+    if args.data:
+        overrides.append(f"data.path={args.data}")
+    if args.max_steps is not None:
+        overrides.append(f"run.max_steps={args.max_steps}")
+    if args.skip_bad:
+        overrides.append("data.skip_bad=true")
+    out = args.out or DEFAULT_RUNS / f"{args.modality}-v{args.version}-{args.preset}"
+    cfg = load_config(args.modality, args.preset, args.version, args.config, overrides)
+    if args.resume:
+        saved = saved_config(out)
+        if saved is not None:  # a resumed run keeps its config; only its length may change
+            saved.run.max_steps = cfg.run.max_steps
+            cfg = saved
+    if cfg.version == 2:
+        try:
+            import data2vec.objective.data2vec2  # noqa: F401
+        except ModuleNotFoundError:
+            raise Data2VecError("data2vec 2.0 (--version 2) is not yet available") from None
+    last = pretrain(cfg, out, resume=args.resume)
+    if last:
+        print(f"done: step {cfg.run.max_steps}, loss {last['loss']:.4f}, "
+              f"target std {last['target_std']:.3f}; run directory {out}")
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    if args.what == "demo":
+        from data2vec.data.demo import default_demo_dir, prepare_demo
+
+        out = Path(args.out) if args.out else default_demo_dir(args.modality)
+        path = prepare_demo(args.modality, out, seed=args.seed, force=args.force)
+        print(f"demo {args.modality} data in {path}")
+    else:
+        from data2vec.data.audio import write_manifest
+
+        out = Path(args.out) if args.out else Path(args.audio_dir) / "train.tsv"
+        n = write_manifest(Path(args.audio_dir), out, valid_fraction=args.valid_fraction,
+                           seed=args.seed)
+        print(f"wrote {out} ({n} files)")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from data2vec.train.plot import plot_run
+
+    print(plot_run(args.run_dir, args.out))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="data2vec", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pretrain", help="self-supervised pre-training")
+    _pretrain_args(p)
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("prepare", help="prepare demo data or a speech manifest")
+    prep = p.add_subparsers(dest="what", required=True)
+    demo = prep.add_parser("demo", help="generate the embedded demo data of a modality")
+    demo.add_argument("--modality", required=True, choices=["speech", "image", "text"])
+    demo.add_argument("--out", help="output directory (default: the demo cache)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--force", action="store_true", help="rebuild even if cached")
+    man = prep.add_parser("manifest", help="write a fairseq-style TSV manifest of a folder")
+    man.add_argument("audio_dir")
+    man.add_argument("--out", help="manifest path (default AUDIO_DIR/train.tsv)")
+    man.add_argument("--valid-fraction", type=float, default=0.0)
+    man.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("plot", help="plot the curves of a run")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--out", type=Path)
+    p.set_defaults(func=cmd_plot)
+
+    _register_optional(sub)
+    return parser
+
+
+def _register_optional(sub: argparse._SubParsersAction) -> None:
+    """Verbs that live in their own packages (fine-tuning, interop) add their parsers here."""
+    for module_name in ("data2vec.finetune.cli", "data2vec.interop.cli"):
+        try:
+            module = __import__(module_name, fromlist=["register"])
+        except ModuleNotFoundError as e:
+            if e.name != module_name:
+                raise
+            continue
+        module.register(sub)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; project errors become one line on stderr and exit code 2."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except Data2VecError as e:
+        print(f"data2vec: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("data2vec: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""Atomic, resumable checkpoints: weights as safetensors, the rest as a weights-only torch file.
+
+Layout of one checkpoint directory ``RUN/checkpoints/step-000100/``::
+
+    model.safetensors   student and EMA teacher weights (the model's state dict)
+    state.pt            optimizer, step, RNG states, data position, config (torch.load weights_only)
+
+It is written under a temporary name and renamed into place, so a killed run never leaves a
+half-written checkpoint behind; ``RUN/checkpoints/latest`` names the newest complete one.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from data2vec.errors import CheckpointError
+
+WEIGHTS = "model.safetensors"
+STATE = "state.pt"
+
+
+def rng_state() -> dict[str, Any]:
+    """Every global RNG a training step may touch (dropout, layer-drop)."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` captured."""
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(ckpt_root: Path, step: int, model: nn.Module, state: dict[str, Any],
+                    keep_last: int = 0) -> Path:
+    """Write checkpoint `step` atomically; keep only the newest `keep_last` (0 = all)."""
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final = ckpt_root / f"step-{step:07d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:07d}.", dir=ckpt_root))
+    try:
+        weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(weights, tmp / WEIGHTS)
+        torch.save(state, tmp / STATE)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _write_atomic(ckpt_root / "latest", final.name + "\n")
+    if keep_last > 0:
+        for old in list_checkpoints(ckpt_root)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(ckpt_root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    if not ckpt_root.is_dir():
+        return []
+    return sorted(p for p in ckpt_root.glob("step-*") if p.is_dir() and (p / STATE).exists())
+
+
+def latest_checkpoint(ckpt_root: Path) -> Path | None:
+    """The newest complete checkpoint, or None."""
+    pointer = ckpt_root / "latest"
+    if pointer.is_file():
+        candidate = ckpt_root / pointer.read_text().strip()
+        if (candidate / STATE).exists():
+            return candidate
+    found = list_checkpoints(ckpt_root)
+    return found[-1] if found else None
+
+
+def find_checkpoint(path: Path) -> Path:
+    """Accept a run dir, its checkpoints dir or one checkpoint dir; return the checkpoint dir."""
+    path = Path(path)
+    for candidate in (path, path / "checkpoints"):
+        if (candidate / WEIGHTS).is_file():
+            return candidate
+        latest = latest_checkpoint(candidate)
+        if latest is not None:
+            return latest
+    raise CheckpointError(f"no checkpoint found at {path} (expected {WEIGHTS} and {STATE})")
+
+
+def load_weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    """The state dict stored in a checkpoint; a truncated or corrupt file is named in the error."""
+    path = Path(ckpt) / WEIGHTS
+    if not path.is_file():
+        raise CheckpointError(f"missing {path}")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {path} (truncated or corrupt?): {e}") from None
+
+
+def load_state(ckpt: Path) -> dict[str, Any]:
+    """Training state of a checkpoint, read with ``weights_only=True`` (no code execution)."""
+    path = Path(ckpt) / STATE
+    if not path.is_file():
+        raise CheckpointError(f"missing {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for truncated zip archives
+        raise CheckpointError(f"cannot read {path} (truncated or corrupt?): {e}") from None
+
+
+def load_model_weights(model: nn.Module, weights: dict[str, torch.Tensor],
+                       source: str = "checkpoint") -> None:
+    """Strict load that lists missing and unexpected keys in the error."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(weights))
+    unexpected = sorted(set(weights) - set(own))
+    wrong = sorted(k for k in set(own) & set(weights) if own[k].shape != weights[k].shape)
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing[:8]}{' …' if len(missing) > 8 else ''}")
+        if unexpected:
+            parts.append(f"unexpected keys {unexpected[:8]}{' …' if len(unexpected) > 8 else ''}")
+        if wrong:
+            parts.append("shape mismatch " + ", ".join(
+                f"{k}: {tuple(weights[k].shape)} vs {tuple(own[k].shape)}" for k in wrong[:8]))
+        raise CheckpointError(f"{source} does not fit the model: " + "; ".join(parts))
+    model.load_state_dict(weights)

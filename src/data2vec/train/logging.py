@@ -1,0 +1,83 @@
+"""Run logging: metrics.jsonl, TensorBoard events, a progress bar and the collapse alarm."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("data2vec")
+
+
+def setup_console_logging(run_dir: Path | None, is_main: bool) -> None:
+    """INFO to stderr (main process only) and to RUN/train.log."""
+    root = logging.getLogger("data2vec")
+    root.setLevel(logging.INFO if is_main else logging.WARNING)
+    root.handlers.clear()
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+    stream = logging.StreamHandler(sys.stderr)
+    stream.setFormatter(fmt)
+    root.addHandler(stream)
+    if run_dir is not None and is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        file = logging.FileHandler(run_dir / "train.log")
+        file.setFormatter(fmt)
+        root.addHandler(file)
+    root.propagate = False
+
+
+class MetricsWriter:
+    """Appends one JSON line per logged step and mirrors scalars to TensorBoard."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool = True) -> None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = run_dir / "metrics.jsonl"
+        self._file = self.path.open("a")
+        self._tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        """Record `metrics` for optimizer update `step`."""
+        clean = {k: (float(v) if math.isfinite(float(v)) else str(float(v)))
+                 for k, v in metrics.items()}
+        self._file.write(json.dumps({"step": step, **clean}) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for key, value in metrics.items():
+                self._tb.add_scalar(f"train/{key}", float(value), step)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop lines after `last_step` (a resumed run rewrites them)."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line)["step"] <= last_step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """All records of a metrics.jsonl."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def collapse_alarm(target_std: float, pred_std: float, min_target: float,
+                   min_pred: float) -> str | None:
+    """A message when the representation looks collapsed, else None."""
+    problems = []
+    if target_std < min_target:
+        problems.append(f"target std {target_std:.4f} < {min_target}")
+    if pred_std < min_pred:
+        problems.append(f"prediction std {pred_std:.4f} < {min_pred}")
+    return "; ".join(problems) or None
