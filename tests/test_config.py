@@ -27,7 +27,7 @@ class Outer:
 
 
 def test_unknown_key_names_itself_and_the_closest() -> None:
-    with pytest.raises(ConfigError, match=r"unknown config key 'inner.dpeth'.*did you mean 'depth'"):
+    with pytest.raises(ConfigError, match=r"key 'inner.dpeth'.*did you mean 'depth'"):
         from_dict(Outer, {"inner": {"dpeth": 3}})
 
 

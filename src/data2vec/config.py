@@ -97,9 +97,14 @@ class DataConfig:
     """Speech: resample files at another rate instead of failing."""
     normalize: bool = True
     """Speech: zero mean / unit variance per utterance."""
+    crop_to_shortest: bool = True
+    """Speech pre-training: crop every utterance of a batch to the shortest one (fairseq; no
+    padding reaches the model); False = zero-pad to the longest with a padding mask."""
     crop_scale: tuple[float, float] = (0.35, 1.0)
     """Images: random resized crop area range."""
     hflip: bool = True
+    image_norm: Literal["imagenet", "half"] = "imagenet"
+    """Images: normalise with ImageNet mean/std, or with mean = std = 0.5 (pixels to [-1, 1])."""
     tokens_per_sample: int = 128
     """Text: tokens per block."""
     break_mode: Literal["none", "complete_doc"] = "complete_doc"

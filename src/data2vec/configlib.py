@@ -6,6 +6,7 @@ a value of the wrong type fails naming the key, the expected type and the value.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import types
@@ -186,10 +187,8 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         except yaml.YAMLError:
             value = raw
         if isinstance(value, str):
-            try:  # YAML 1.1 reads "1e-3" (no dot) as a string
+            with contextlib.suppress(ValueError):  # YAML 1.1 reads "1e-3" (no dot) as a string
                 value = float(value)
-            except ValueError:
-                pass
         node = out
         for key in keys[:-1]:
             node = node.setdefault(key, {})

@@ -32,7 +32,8 @@ class FrontEnd(nn.Module, ABC):
     @abstractmethod
     def contextualize(self, features: Tensor, padding_mask: Tensor | None,
                       mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        """Masking (mask (B, T) True = masked), positions, extra tokens -> (B, T', D), mask (B, T')."""
+        """Masking (mask (B, T) True = masked), positions, extra tokens -> (B, T', D) and the
+        padding mask (B, T')."""
 
     def forward(self, source: Tensor, padding_mask: Tensor | None = None,
                 mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:

@@ -1,0 +1,1 @@
+"""Datasets, collators, tokenizers and the embedded demo corpora."""

@@ -1,0 +1,143 @@
+"""Collators: example indices -> a pre-training :class:`~data2vec.batch.Batch`, masks included.
+
+Every random choice comes from a generator seeded by ``(seed, stream, epoch, key)`` — the key is
+the example's index in its dataset (crops, flips, image and text masks) or the global batch index
+(speech masks, which need the whole batch) — so a batch is a pure function of its indices and any
+process (a resumed run, a DataLoader worker, another rank) rebuilds it exactly.
+
+For data2vec 2.0, ``clones`` masked copies of each example are made: ``mask`` (and, for text,
+``student_source``) then has ``B * clones`` rows, the copies of one example adjacent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from data2vec.batch import Batch
+from data2vec.data.audio import AudioDataset, random_crop
+from data2vec.data.images import ImageFolderDataset, Stats, train_transform
+from data2vec.data.text import TokenBlockDataset
+from data2vec.modalities.image import ImageMaskConfig, compute_mask
+from data2vec.modalities.speech import SpeechMaskConfig, mask_for_waveforms
+from data2vec.modalities.text import TextMaskConfig, mask_sequence
+
+# Independent random streams, so changing one kind of draw never shifts another.
+STREAM_ORDER, STREAM_CROP, STREAM_MASK, STREAM_BATCH_MASK = 0, 1, 2, 3
+
+
+def derive_seed(*keys: int) -> int:
+    """A 63-bit seed mixing all `keys` (SeedSequence hashing: nearby keys give unrelated seeds)."""
+    entropy = [k % 2**64 for k in keys]  # SeedSequence wants non-negative integers
+    low, high = np.random.SeedSequence(entropy).generate_state(2, dtype=np.uint32).tolist()
+    return ((high << 32) | low) & (2**63 - 1)
+
+
+def generator(*keys: int) -> torch.Generator:
+    """A CPU torch.Generator seeded by :func:`derive_seed` of `keys`."""
+    return torch.Generator().manual_seed(derive_seed(*keys))
+
+
+def pad_right(rows: list[Tensor], value: float | int) -> tuple[Tensor, Tensor | None]:
+    """Stack 1-D tensors padded at the end -> ((B, L), padding_mask (B, L) True = pad, or None)."""
+    length = max(r.shape[0] for r in rows)
+    if all(r.shape[0] == length for r in rows):
+        return torch.stack(rows), None
+    out = rows[0].new_full((len(rows), length), value)
+    for i, row in enumerate(rows):
+        out[i, :row.shape[0]] = row
+    lengths = torch.tensor([r.shape[0] for r in rows])
+    return out, torch.arange(length).unsqueeze(0) >= lengths.unsqueeze(1)  # (B, L)
+
+
+@dataclass
+class SpeechCollator:
+    """Waveforms cropped to `max_sample_size`, then cropped to the shortest in the batch
+    (``crop_to_shortest``, fairseq's pre-training default: no padding reaches the model) or
+    zero-padded to the longest with a padding mask; span masks over frames, drawn per batch."""
+
+    dataset: AudioDataset
+    seed: int
+    max_sample_size: int
+    crop_to_shortest: bool
+    conv_layers: list[tuple[int, int, int]]
+    mask_cfg: SpeechMaskConfig
+    clones: int = 1
+
+    def __call__(self, epoch: int, indices: list[int], batch_key: int) -> Batch:
+        waves = [self.dataset[k] for k in indices]  # each (S_k,), normalised
+        limit = self.max_sample_size if self.max_sample_size > 0 else max(len(w) for w in waves)
+        if self.crop_to_shortest:
+            limit = min(limit, min(len(w) for w in waves))
+        waves = [random_crop(w, limit, generator(self.seed, STREAM_CROP, epoch, k))
+                 for w, k in zip(waves, indices, strict=True)]
+        source, padding_mask = pad_right(waves, 0.0)  # (B, S)
+        rows = len(indices) * self.clones
+        mask_padding = (padding_mask.repeat_interleave(self.clones, 0)
+                        if padding_mask is not None else None)
+        mask = mask_for_waveforms(self.mask_cfg, self.conv_layers, source.shape[1], mask_padding,
+                                  rows, generator(self.seed, STREAM_BATCH_MASK, epoch, batch_key))
+        return Batch(source=source, padding_mask=padding_mask, mask=mask)  # mask (B*M, T)
+
+
+@dataclass
+class ImageCollator:
+    """Augmented images (random resized crop + flip) and exact-count block masks per example."""
+
+    dataset: ImageFolderDataset
+    seed: int
+    image_size: int
+    crop_scale: tuple[float, float]
+    hflip: bool
+    stats: Stats
+    grid: tuple[int, int]
+    mask_cfg: ImageMaskConfig
+    clones: int = 1
+
+    def __call__(self, epoch: int, indices: list[int], batch_key: int) -> Batch:
+        images = [train_transform(self.dataset.load(k), self.image_size, self.crop_scale,
+                                  self.hflip, self.stats,
+                                  generator(self.seed, STREAM_CROP, epoch, k)) for k in indices]
+        masks = [compute_mask(self.mask_cfg, self.clones, self.grid,
+                              generator(self.seed, STREAM_MASK, epoch, k)) for k in indices]
+        return Batch(source=torch.stack(images),  # (B, C, H, W)
+                     mask=torch.cat(masks))  # (B*M, N) True = masked, clones adjacent
+
+
+@dataclass
+class TextCollator:
+    """Token blocks padded with <pad>; per-example token masks and the student's ids."""
+
+    dataset: TokenBlockDataset
+    seed: int
+    pad_id: int
+    mask_id: int
+    special_ids: tuple[int, ...]
+    vocab_size: int
+    mask_cfg: TextMaskConfig
+    clones: int = 1
+
+    def __call__(self, epoch: int, indices: list[int], batch_key: int) -> Batch:
+        blocks = [self.dataset[k] for k in indices]  # each (L_k,) long
+        masks, students = [], []
+        for block, k in zip(blocks, indices, strict=True):
+            gen = generator(self.seed, STREAM_MASK, epoch, k)
+            for _ in range(self.clones):  # clones of one example drawn in turn from its stream
+                mask, student = mask_sequence(block, self.special_ids, self.mask_id,
+                                              self.vocab_size, self.mask_cfg, gen)
+                masks.append(mask)
+                students.append(student)
+        source, padding_mask = pad_right(blocks, self.pad_id)  # (B, L)
+        mask, _ = pad_right(masks, False)  # (B*M, L) True = masked; padding never masked
+        student, _ = pad_right(students, self.pad_id)  # (B*M, L)
+        return Batch(source=source, padding_mask=padding_mask, mask=mask,
+                     student_source=student)
+
+
+Collator = SpeechCollator | ImageCollator | TextCollator
+
+__all__ = ["Collator", "ImageCollator", "SpeechCollator", "TextCollator", "derive_seed",
+           "generator", "pad_right"]
