@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
 from data2vec.errors import Data2VecError
 
 DEFAULT_RUNS = Path("runs")
+OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
 
 
 def _pretrain_args(p: argparse.ArgumentParser) -> None:
@@ -41,7 +43,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     if args.resume:
         saved = saved_config(out)
         if saved is not None:  # a resumed run keeps its config; only its length may change
-            saved.run.max_steps = cfg.run.max_steps
+            saved.run.max_steps, saved.run.stop_at = cfg.run.max_steps, cfg.run.stop_at
             cfg = saved
     if cfg.version == 2:
         try:
@@ -50,7 +52,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
             raise Data2VecError("data2vec 2.0 (--version 2) is not yet available") from None
     last = pretrain(cfg, out, resume=args.resume)
     if last:
-        print(f"done: step {cfg.run.max_steps}, loss {last['loss']:.4f}, "
+        print(f"done: step {last['step']:.0f}, loss {last['loss']:.4f}, "
               f"target std {last['target_std']:.3f}; run directory {out}")
     return 0
 
@@ -124,7 +126,15 @@ def _register_optional(sub: argparse._SubParsersAction) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; project errors become one line on stderr and exit code 2."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # dotted overrides may come anywhere on the line, after options too
+    overrides = [e for e in extra if OVERRIDE.match(e)]
+    unknown = [e for e in extra if not OVERRIDE.match(e)]
+    if unknown or (overrides and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
+    if overrides:
+        args.overrides = [*args.overrides, *overrides]
     try:
         return args.func(args)
     except Data2VecError as e:

@@ -145,6 +145,8 @@ class RunConfig:
     """Length, precision, logging and checkpointing of a run."""
 
     max_steps: int = 200
+    stop_at: int = 0
+    """Stop after this many updates as if interrupted (schedules still span max_steps); 0 = off."""
     seed: int = 1
     precision: Literal["fp32", "bf16"] = "fp32"
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -167,20 +167,21 @@ class Trainer:
                    disable=not (self.info.is_main and run.progress), desc="pretrain")
         last: dict[str, float] = {}
         try:
-            while self.step < run.max_steps:
+            end = min(run.max_steps, run.stop_at) if run.stop_at > 0 else run.max_steps
+            while self.step < end:
                 start = time.perf_counter()
                 result = self.train_step(self._next_micro_batches())
                 elapsed = time.perf_counter() - start
-                last = {**vars(result), "steps_per_s": 1 / elapsed,
+                last = {"step": self.step, **vars(result), "steps_per_s": 1 / elapsed,
                         "samples_per_s": result.samples / elapsed}
                 self._watch_collapse(result)
                 if writer is not None and (self.step % run.log_every == 0 or self.step == 1):
-                    writer.write(self.step, last)
+                    writer.write(self.step, {k: v for k, v in last.items() if k != "step"})
                 bar.update(1)
                 bar.set_postfix(loss=f"{result.loss:.4f}", tau=f"{result.tau:.5f}",
                                 tstd=f"{result.target_std:.3f}", lr=f"{result.lr:.2e}",
                                 refresh=False)
-                if self.step % run.checkpoint_every == 0 and self.step < run.max_steps:
+                if self.step % run.checkpoint_every == 0 and self.step < end:
                     self.save()
             self.save()
         finally:
