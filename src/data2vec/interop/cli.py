@@ -1,0 +1,60 @@
+"""``data2vec export --to hf`` and ``data2vec import --from hf|fairseq`` (registered by cli.py)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from data2vec.interop.common import ImportReport
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from data2vec.interop.hf import export_hf
+
+    out = export_hf(args.source, args.out_dir)
+    print(f"wrote a HuggingFace model directory {out} (config.json + model.safetensors)")
+    return 0
+
+
+def _print_report(out: Path, report: ImportReport) -> None:
+    print(f"imported {report.source} -> checkpoint {out}")
+    for note in report.notes:
+        print(f"  note: {note}")
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    if args.from_ == "hf":
+        from data2vec.interop.hf import import_hf
+
+        out, report = import_hf(args.source, args.out)
+    else:
+        from data2vec.interop.fairseq import import_fairseq
+
+        out, report = import_fairseq(args.source, args.out)
+    _print_report(out, report)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``export`` and ``import`` verbs to the top-level parser."""
+    p = sub.add_parser("export", help="write a model in another library's format",
+                       description="Export a run or checkpoint (data2vec 1.0) as a HuggingFace "
+                                   "transformers Data2Vec{Audio,Vision,Text}Model directory.")
+    p.add_argument("--to", required=True, choices=["hf"], help="target format")
+    p.add_argument("source", type=Path, help="run directory or checkpoint directory")
+    p.add_argument("out_dir", type=Path, help="output directory (config.json + model.safetensors)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("import", help="build our checkpoint from HF or fairseq weights",
+                       description="Import a HuggingFace data2vec model directory (or a hub id "
+                                   "already in the local cache; never downloads) or a released "
+                                   "fairseq / BEiT data2vec 1.0 .pt file (read without executing "
+                                   "code) into a checkpoint directory.")
+    p.add_argument("--from", dest="from_", required=True, choices=["hf", "fairseq"])
+    p.add_argument("source", help="HF directory or cached hub id, or a fairseq .pt file")
+    p.add_argument("--out", required=True, type=Path,
+                   help="checkpoint directory to write (model.safetensors + state.pt)")
+    p.set_defaults(func=cmd_import)
+
+
+__all__ = ["register"]

@@ -1,0 +1,113 @@
+"""What the HF and fairseq converters share: reading our checkpoints, writing imported ones,
+and checking a converted state dict key by key.
+
+An imported checkpoint is a directory in the training loop's format::
+
+    OUT/model.safetensors   the Data2Vec state dict (student, head, EMA teacher)
+    OUT/state.pt            {"config": to_dict(cfg), "step": 0, "imported_from": str,
+                             "notes": [str, ...]}  (torch.load(weights_only=True) reads it)
+
+so ``data2vec.train.checkpoint.find_checkpoint`` / ``load_weights`` / ``load_state`` and
+``config_from_dict`` rebuild the model (fine-tuning ``--init OUT``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor
+
+from data2vec.build import build_model
+from data2vec.config import Config, config_from_dict, to_dict
+from data2vec.errors import CheckpointError
+from data2vec.objective.data2vec import Data2Vec
+from data2vec.train.checkpoint import (
+    STATE,
+    WEIGHTS,
+    find_checkpoint,
+    load_model_weights,
+    load_state,
+    load_weights,
+)
+
+
+@dataclass
+class ImportReport:
+    """What an import did besides copying tensors: kept for the user, printed by the CLI."""
+
+    source: str
+    notes: list[str] = field(default_factory=list)
+
+
+def load_our_model(path: str | Path) -> tuple[Config, Data2Vec]:
+    """(config, model in eval mode) from a run directory or a checkpoint directory."""
+    ckpt = find_checkpoint(Path(path))
+    state = load_state(ckpt)
+    if "config" not in state:
+        raise CheckpointError(f"{ckpt / STATE} has no 'config' entry")
+    cfg = config_from_dict(state["config"])
+    model = build_model(cfg)
+    load_model_weights(model, load_weights(ckpt), str(ckpt))
+    return cfg, model.eval()
+
+
+def write_checkpoint(out: str | Path, cfg: Config, model: Data2Vec,
+                     report: ImportReport) -> Path:
+    """Write `model` as a checkpoint directory `out` (atomically: temp dir, then rename)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(weights, tmp / WEIGHTS)
+        torch.save({"config": to_dict(cfg), "step": 0, "imported_from": report.source,
+                    "notes": list(report.notes)}, tmp / STATE)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def check_keys(converted: dict[str, Tensor], expected: dict[str, Tensor], source: str) -> None:
+    """Every expected key present with its shape, nothing extra; the error lists the culprits."""
+    missing = sorted(set(expected) - set(converted))
+    unexpected = sorted(set(converted) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(converted)
+                   if tuple(expected[k].shape) != tuple(converted[k].shape))
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing}")
+        if unexpected:
+            parts.append(f"unexpected {unexpected}")
+        if wrong:
+            parts.append("shape mismatch " + ", ".join(
+                f"{k}: {tuple(converted[k].shape)} vs expected {tuple(expected[k].shape)}"
+                for k in wrong))
+        raise CheckpointError(f"{source}: " + "; ".join(parts))
+
+
+def take(sd: dict[str, Tensor], key: str, source: str) -> Tensor:
+    """Pop `key` from a source state dict; a missing key is an error naming it."""
+    if key not in sd:
+        raise CheckpointError(f"{source}: missing key '{key}'")
+    return sd.pop(key)
+
+
+def fail_on_leftovers(sd: dict[str, Tensor], source: str) -> None:
+    """Source keys no rule consumed are an error, listed, never dropped silently."""
+    if sd:
+        raise CheckpointError(f"{source}: unknown keys not mapped: {sorted(sd)}")
+
+
+__all__ = ["ImportReport", "check_keys", "fail_on_leftovers", "load_our_model", "take",
+           "write_checkpoint"]
