@@ -90,3 +90,18 @@ def test_two_processes_equal_one_with_same_global_batch(tmp_path: Path, demo_hom
     for step in one:
         assert abs(one[step]["loss"] - two[step]["loss"]) <= 1e-5, step
         assert two[step]["samples"] == one[step]["samples"] == 8
+
+
+def test_init_continues_from_another_checkpoint(tmp_path: Path) -> None:
+    from data2vec.train.checkpoint import find_checkpoint, load_weights
+
+    first = tmp_path / "first"
+    assert main(["pretrain", "--modality", "image", "--out", str(first), "--max-steps", "2",
+                 *FAST, "model.encoder.depth=3", "model.objective.top_k=2"]) == 0
+    second = tmp_path / "second"
+    assert main(["pretrain", "--modality", "image", "--out", str(second), "--max-steps", "1",
+                 "--init", str(first), *FAST, "optim.lr=0.0"]) == 0
+    # architecture from the checkpoint (depth 3); with lr 0 the student weights carry over exactly
+    a, b = load_weights(find_checkpoint(first)), load_weights(find_checkpoint(second))
+    assert sum(1 for k in b if k.startswith("encoder.blocks.") and k.endswith("norm1.weight")) == 3
+    assert all((a[k] == b[k]).all() for k in a if k.startswith(("encoder.", "frontend.")))

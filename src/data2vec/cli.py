@@ -22,6 +22,9 @@ def _pretrain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, help="run directory (default runs/<modality>-v<V>-<preset>)")
     p.add_argument("--max-steps", type=int, help="optimizer updates (run.max_steps)")
     p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    p.add_argument("--init", type=Path,
+                   help="start from this checkpoint's weights and architecture "
+                   "(e.g. one written by `data2vec import`)")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable files and count them")
     p.add_argument("overrides", nargs="*", metavar="key.path=value",
                    help="dotted config overrides, e.g. model.encoder.depth=6 optim.lr=1e-3")
@@ -40,6 +43,10 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         overrides.append("data.skip_bad=true")
     out = args.out or DEFAULT_RUNS / f"{args.modality}-v{args.version}-{args.preset}"
     cfg = load_config(args.modality, args.preset, args.version, args.config, overrides)
+    if args.init and not args.resume:
+        from data2vec.train.pretrain import init_config
+
+        cfg = init_config(cfg, args.init)
     if args.resume:
         saved = saved_config(out)
         if saved is not None:  # a resumed run keeps its config; only its length may change
@@ -50,7 +57,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
             import data2vec.objective.data2vec2  # noqa: F401
         except ModuleNotFoundError:
             raise Data2VecError("data2vec 2.0 (--version 2) is not yet available") from None
-    last = pretrain(cfg, out, resume=args.resume)
+    last = pretrain(cfg, out, resume=args.resume, init=None if args.resume else args.init)
     if last:
         print(f"done: step {last['step']:.0f}, loss {last['loss']:.4f}, "
               f"target std {last['target_std']:.3f}; run directory {out}")

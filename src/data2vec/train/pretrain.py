@@ -37,8 +37,23 @@ def prepare_data(cfg: Config) -> None:
         sync_text_vocab(cfg, load_or_train_tokenizer(cfg))
 
 
-def pretrain(cfg: Config, run_dir: Path, resume: bool = False) -> dict[str, float]:
-    """Pre-train `cfg` into `run_dir`; with `resume`, continue from its latest checkpoint."""
+def init_config(cfg: Config, init: Path) -> Config:
+    """`cfg` with the model section (architecture) of the checkpoint at `init`."""
+    state = ckpt.load_state(ckpt.find_checkpoint(init))
+    if "config" not in state:
+        raise CheckpointError(f"{init}: the checkpoint has no config")
+    source = config_from_dict(state["config"])
+    if (source.modality, source.version) != (cfg.modality, cfg.version):
+        raise CheckpointError(f"{init} holds a {source.modality} v{source.version} model, not "
+                              f"{cfg.modality} v{cfg.version}")
+    cfg.model = source.model
+    return cfg
+
+
+def pretrain(cfg: Config, run_dir: Path, resume: bool = False,
+             init: Path | None = None) -> dict[str, float]:
+    """Pre-train `cfg` into `run_dir`; with `resume`, continue from its latest checkpoint; with
+    `init`, start from the weights (student and teacher) of another checkpoint, e.g. an import."""
     from data2vec.data.loader import build_pretrain_loader
 
     info = init_distributed(cfg.run.device)
@@ -70,6 +85,10 @@ def pretrain(cfg: Config, run_dir: Path, resume: bool = False) -> dict[str, floa
                  cfg.modality, cfg.version, n_params / 1e6, info.device, info.world_size)
         if checkpoint is not None:
             trainer.resume(checkpoint)
+        elif init is not None:
+            source = ckpt.find_checkpoint(init)
+            ckpt.load_model_weights(model, ckpt.load_weights(source), str(source))
+            log.info("initialised from %s", source)
         else:
             torch.manual_seed(cfg.run.seed + info.rank)  # dropout differs across ranks
         return trainer.run()
