@@ -61,6 +61,15 @@ class V2Config:
     """Weight of the CLS regression loss (images: 0.01)."""
     alibi: bool = False
     """Speech: ALiBi attention bias with a learned per-head scale."""
+    mask_prob: float = 0.5
+    """Fraction of positions masked, exactly the same count in every row (speech 0.5, images 0.8,
+    text 0.48); the data loader computes the masks."""
+    mask_length: int = 5
+    """Speech: span length around each centre; images: block side (3); text: 1 (random)."""
+    mask_prob_adjust: float = 0.05
+    """Added to the span/block density before the exact count is forced (overlap compensation)."""
+    inverse_mask: bool = False
+    """Images: pick blocks to KEEP (1 - mask_prob of the patches visible), then invert."""
 
 
 @dataclass
@@ -221,10 +230,35 @@ def validate(cfg: Config) -> None:
     if not 0 < obj.top_k <= enc.depth:
         raise ConfigError(f"model.objective.top_k={obj.top_k} must be in 1..{enc.depth} "
                           "(model.encoder.depth)")
+    if cfg.version == 2:
+        _validate_v2(cfg)
+    elif obj.ema_scope == "context":
+        raise ConfigError("model.objective.ema_scope='context' is data2vec 2.0 only (version 2)")
     if cfg.optim.grad_accum < 1:
         raise ConfigError("optim.grad_accum must be >= 1")
     if cfg.run.max_steps < 1:
         raise ConfigError("run.max_steps must be >= 1")
+
+
+def _validate_v2(cfg: Config) -> None:
+    """data2vec 2.0: prenet blocks are never target layers; masks leave something visible."""
+    enc, obj, v2 = cfg.model.encoder, cfg.model.objective, cfg.model.v2
+    if not 0 <= v2.prenet_depth < enc.depth:
+        raise ConfigError(f"model.v2.prenet_depth={v2.prenet_depth} must be in "
+                          f"0..{enc.depth - 1} (model.encoder.depth counts prenet blocks too)")
+    if obj.top_k > enc.depth - v2.prenet_depth:
+        raise ConfigError(f"model.objective.top_k={obj.top_k} would reach the prenet: at most "
+                          f"{enc.depth - v2.prenet_depth} (model.encoder.depth - "
+                          "model.v2.prenet_depth)")
+    if v2.clone_batch < 1:
+        raise ConfigError(f"model.v2.clone_batch={v2.clone_batch} must be >= 1")
+    if not 0.0 < v2.mask_prob < 1.0:
+        raise ConfigError(f"model.v2.mask_prob={v2.mask_prob} must be in (0, 1)")
+    if v2.mask_length < 1:
+        raise ConfigError(f"model.v2.mask_length={v2.mask_length} must be >= 1")
+    if v2.decoder_layers < 1 or v2.decoder_dim < 1 or v2.decoder_dim % v2.decoder_groups:
+        raise ConfigError(f"model.v2.decoder_dim={v2.decoder_dim} must be >= 1 and divisible by "
+                          f"decoder_groups={v2.decoder_groups}; decoder_layers >= 1")
 
 
 __all__ = ["Config", "DataConfig", "ModelConfig", "OptimConfig", "RunConfig", "V2Config",

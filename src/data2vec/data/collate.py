@@ -6,7 +6,10 @@ the example's index in its dataset (crops, flips, image and text masks) or the g
 process (a resumed run, a DataLoader worker, another rank) rebuilds it exactly.
 
 For data2vec 2.0, ``clones`` masked copies of each example are made: ``mask`` (and, for text,
-``student_source``) then has ``B * clones`` rows, the copies of one example adjacent.
+``student_source``) then has ``B * clones`` rows, the copies of one example adjacent. With ``v2``
+set (version 2), the masks follow the exact-count rules of :mod:`data2vec.data.v2_masks` (the
+same count in every row, drawn per example) and text's ``student_source`` is the clean ids
+repeated (no replacement: the v2 student drops masked tokens).
 """
 
 from __future__ import annotations
@@ -18,9 +21,11 @@ import torch
 from torch import Tensor
 
 from data2vec.batch import Batch
+from data2vec.config import V2Config
 from data2vec.data.audio import AudioDataset, random_crop
 from data2vec.data.images import ImageFolderDataset, Stats, train_transform
 from data2vec.data.text import TokenBlockDataset
+from data2vec.data.v2_masks import block_mask_1d, inverse_block_mask_2d, random_mask
 from data2vec.modalities.image import ImageMaskConfig, compute_mask
 from data2vec.modalities.speech import SpeechMaskConfig, mask_for_waveforms
 from data2vec.modalities.text import TextMaskConfig, mask_sequence
@@ -66,6 +71,8 @@ class SpeechCollator:
     conv_layers: list[tuple[int, int, int]]
     mask_cfg: SpeechMaskConfig
     clones: int = 1
+    v2: V2Config | None = None
+    """data2vec 2.0: exact-count span masks per example (``block_mask_1d``)."""
 
     def __call__(self, epoch: int, indices: list[int], batch_key: int) -> Batch:
         waves = [self.dataset[k] for k in indices]  # each (S_k,), normalised
@@ -75,12 +82,26 @@ class SpeechCollator:
         waves = [random_crop(w, limit, generator(self.seed, STREAM_CROP, epoch, k))
                  for w, k in zip(waves, indices, strict=True)]
         source, padding_mask = pad_right(waves, 0.0)  # (B, S)
+        if self.v2 is not None:
+            return Batch(source=source, padding_mask=padding_mask,
+                         mask=self._v2_mask(source.shape[1], epoch, indices))
         rows = len(indices) * self.clones
         mask_padding = (padding_mask.repeat_interleave(self.clones, 0)
                         if padding_mask is not None else None)
         mask = mask_for_waveforms(self.mask_cfg, self.conv_layers, source.shape[1], mask_padding,
                                   rows, generator(self.seed, STREAM_BATCH_MASK, epoch, batch_key))
         return Batch(source=source, padding_mask=padding_mask, mask=mask)  # mask (B*M, T)
+
+    def _v2_mask(self, num_samples: int, epoch: int, indices: list[int]) -> Tensor:
+        """(B*M, T) over the frames of the (padded) batch length, drawn per example."""
+        from data2vec.modalities.speech import frame_lengths
+
+        v2 = self.v2
+        frames = int(frame_lengths(torch.tensor([num_samples]), self.conv_layers)[0])
+        return torch.cat([block_mask_1d(frames, self.clones, v2.mask_prob, v2.mask_length,
+                                        v2.mask_prob_adjust,
+                                        generator(self.seed, STREAM_MASK, epoch, k))
+                          for k in indices])
 
 
 @dataclass
@@ -96,15 +117,26 @@ class ImageCollator:
     grid: tuple[int, int]
     mask_cfg: ImageMaskConfig
     clones: int = 1
+    v2: V2Config | None = None
+    """data2vec 2.0: inverse block masks (or plain exact-count ones) per example."""
 
     def __call__(self, epoch: int, indices: list[int], batch_key: int) -> Batch:
         images = [train_transform(self.dataset.load(k), self.image_size, self.crop_scale,
                                   self.hflip, self.stats,
                                   generator(self.seed, STREAM_CROP, epoch, k)) for k in indices]
-        masks = [compute_mask(self.mask_cfg, self.clones, self.grid,
-                              generator(self.seed, STREAM_MASK, epoch, k)) for k in indices]
+        masks = [self._mask(generator(self.seed, STREAM_MASK, epoch, k)) for k in indices]
         return Batch(source=torch.stack(images),  # (B, C, H, W)
                      mask=torch.cat(masks))  # (B*M, N) True = masked, clones adjacent
+
+    def _mask(self, gen: torch.Generator) -> Tensor:
+        """(M, N) masks of one example."""
+        v2 = self.v2
+        if v2 is None:
+            return compute_mask(self.mask_cfg, self.clones, self.grid, gen)
+        if v2.inverse_mask:
+            return inverse_block_mask_2d(self.grid, self.clones, v2.mask_prob, v2.mask_length,
+                                         v2.mask_prob_adjust, gen)
+        return random_mask(self.grid[0] * self.grid[1], self.clones, v2.mask_prob, gen)
 
 
 @dataclass
@@ -119,9 +151,20 @@ class TextCollator:
     vocab_size: int
     mask_cfg: TextMaskConfig
     clones: int = 1
+    v2: V2Config | None = None
+    """data2vec 2.0: exact-count random masks over the padded length, no token replacement."""
 
     def __call__(self, epoch: int, indices: list[int], batch_key: int) -> Batch:
         blocks = [self.dataset[k] for k in indices]  # each (L_k,) long
+        if self.v2 is not None:
+            source, padding_mask = pad_right(blocks, self.pad_id)  # (B, L)
+            # Padded slots may be drawn (the count must be equal per row); the loss skips them.
+            mask = torch.cat([random_mask(source.shape[1], self.clones, self.v2.mask_prob,
+                                          generator(self.seed, STREAM_MASK, epoch, k))
+                              for k in indices])  # (B*M, L)
+            # No <mask> replacement: the student reads the clean ids and drops masked tokens.
+            return Batch(source=source, padding_mask=padding_mask, mask=mask,
+                         student_source=source.repeat_interleave(self.clones, 0))
         masks, students = [], []
         for block, k in zip(blocks, indices, strict=True):
             gen = generator(self.seed, STREAM_MASK, epoch, k)

@@ -34,7 +34,7 @@ import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
 from data2vec.batch import Batch
-from data2vec.config import Config
+from data2vec.config import Config, V2Config
 from data2vec.data.audio import AudioDataset, length_bucketed_batches
 from data2vec.data.collate import (
     STREAM_ORDER,
@@ -242,6 +242,11 @@ def _clones(cfg: Config) -> int:
     return cfg.model.v2.clone_batch if cfg.version == 2 else 1
 
 
+def _v2(cfg: Config) -> V2Config | None:
+    """The data2vec 2.0 settings the collators mask with (None for version 1)."""
+    return cfg.model.v2 if cfg.version == 2 else None
+
+
 def _speech_loader(cfg: Config, path: Path, split: str, rank: int,
                    world_size: int) -> PretrainLoader:
     from data2vec.modalities.speech import parse_conv_spec
@@ -252,7 +257,7 @@ def _speech_loader(cfg: Config, path: Path, split: str, rank: int,
                                      normalize=data.normalize, skip_bad=data.skip_bad)
     collator = SpeechCollator(dataset, cfg.run.seed, data.max_sample_size, data.crop_to_shortest,
                               parse_conv_spec(cfg.model.frontend.conv_spec), cfg.model.masking,
-                              _clones(cfg))
+                              _clones(cfg), _v2(cfg))
     return PretrainLoader(collator, _bucketed_batches(dataset, cfg, rank, world_size),
                           data.num_workers, dataset.skipped)
 
@@ -267,7 +272,7 @@ def _image_loader(cfg: Config, path: Path, split: str, rank: int,
     side = frontend.image_size // frontend.patch_size
     collator = ImageCollator(dataset, cfg.run.seed, frontend.image_size, tuple(data.crop_scale),
                              data.hflip, NORM_STATS[data.image_norm], (side, side),
-                             cfg.model.masking, _clones(cfg))
+                             cfg.model.masking, _clones(cfg), _v2(cfg))
     plan = _global_batches(len(dataset), cfg.run.seed, data.batch_size, rank, world_size)
     return PretrainLoader(collator, plan, data.num_workers, dataset.skipped)
 
@@ -287,7 +292,7 @@ def _text_loader(cfg: Config, path: Path, split: str, rank: int, world_size: int
                                           data.break_mode, data.skip_bad)
     collator = TextCollator(dataset, cfg.run.seed, tokenizer.pad_id, tokenizer.mask_id,
                             tuple(sorted(tokenizer.special_ids)), tokenizer.vocab_size,
-                            cfg.model.masking, _clones(cfg))
+                            cfg.model.masking, _clones(cfg), _v2(cfg))
     plan = _global_batches(len(dataset), cfg.run.seed, data.batch_size, rank, world_size)
     loader = PretrainLoader(collator, plan, data.num_workers, dataset.skipped)
     loader.tokenizer = tokenizer

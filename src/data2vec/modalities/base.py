@@ -23,6 +23,9 @@ class FrontEnd(nn.Module, ABC):
     dim: int
     num_extra_tokens: int = 0
     window_size: tuple[int, int] | None = None
+    local_modules: tuple[str, ...] = ()
+    """Submodules ``local_features`` uses: a data2vec 2.0 teacher with ``ema_scope: context``
+    does not copy them (it is fed the student's local features)."""
 
     @abstractmethod
     def local_features(self, source: Tensor,

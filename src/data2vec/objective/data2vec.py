@@ -49,9 +49,10 @@ class ObjectiveConfig:
     ema_end: float = 0.9999
     ema_anneal_steps: int = 30_000
     """τ rises linearly from ema_start to ema_end over this many optimizer updates."""
-    ema_scope: Literal["encoder", "all"] = "encoder"
+    ema_scope: Literal["encoder", "all", "context"] = "encoder"
     """What the teacher EMA-tracks: the transformer only (front-end shared with the student,
-    v1 speech/text) or the front-end too (v1 images)."""
+    v1 speech/text, v2 text) or the front-end too (v1 and v2 images); 'context' (v2 speech
+    only): the front-end minus its local feature modules, fed the student's local features."""
     init_std: float = 0.02
     """Std of the BERT-style normal init of linear and embedding weights."""
 
