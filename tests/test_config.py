@@ -82,6 +82,8 @@ def test_override_typo_and_bad_value_in_load_config() -> None:
         load_config("speech", "tiny", overrides=["model.objective.top_k=99"])
     assert load_config("speech", "tiny", overrides=["model.encoder.depth=6"]).model.encoder.depth \
         == 6
+    with pytest.raises(ConfigError, match="needs a CLS token"):
+        load_config("image", "base", overrides=["model.frontend.cls_token=false"])
 
 
 def test_unknown_preset_lists_available(tmp_path: Path) -> None:

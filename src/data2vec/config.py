@@ -230,6 +230,10 @@ def validate(cfg: Config) -> None:
     if not 0 < obj.top_k <= enc.depth:
         raise ConfigError(f"model.objective.top_k={obj.top_k} must be in 1..{enc.depth} "
                           "(model.encoder.depth)")
+    if (cfg.modality == "image" and enc.relative_position_bias != "none"
+            and not cfg.model.frontend.cls_token):
+        raise ConfigError("model.encoder.relative_position_bias needs a CLS token "
+                          "(model.frontend.cls_token=true): the BEiT table has CLS entries")
     if cfg.version == 2:
         _validate_v2(cfg)
     elif obj.ema_scope == "context":

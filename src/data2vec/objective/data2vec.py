@@ -110,7 +110,35 @@ def init_bert_(module: nn.Module, std: float) -> None:
             nn.init.zeros_(m.bias)
 
 
-class Data2Vec(nn.Module):
+class StudentTeacher(nn.Module):
+    """What every data2vec model shares: a student part mirrored by an EMA teacher.
+
+    Subclasses set ``self.teacher`` and define ``_tracked`` (the student part the teacher mirrors).
+    """
+
+    teacher: EMATeacher
+
+    def _tracked(self) -> nn.Module:
+        raise TypeError(f"{type(self).__name__} must define _tracked()")
+
+    def reset_teacher(self) -> None:
+        """Make the teacher an exact copy of the student (after loading student weights)."""
+        student = self._tracked().state_dict()
+        own = self.teacher.model.state_dict()
+        self.teacher.model.load_state_dict({k: student[k] for k in own})
+
+    @torch.no_grad()
+    def ema_step(self, step: int) -> float:
+        """EMA update after optimizer update `step` (call once per update, not per micro-batch)."""
+        return self.teacher.update(self._tracked(), step)
+
+    def student_parameters(self) -> list[nn.Parameter]:
+        """What the optimizer should see: every trainable parameter outside the teacher."""
+        return [p for n, p in self.named_parameters()
+                if p.requires_grad and not n.startswith("teacher.")]
+
+
+class Data2Vec(StudentTeacher):
     """data2vec 1.0: the student encodes the masked input, the EMA teacher the clean one."""
 
     version = 1
@@ -136,20 +164,6 @@ class Data2Vec(nn.Module):
         if self.cfg.ema_scope == "all":
             return nn.ModuleDict({"frontend": self.frontend, "encoder": self.encoder})
         return self.encoder
-
-    def reset_teacher(self) -> None:
-        """Make the teacher an exact copy of the student (after loading student weights)."""
-        self.teacher.model.load_state_dict(self._tracked().state_dict())
-
-    @torch.no_grad()
-    def ema_step(self, step: int) -> float:
-        """EMA update after optimizer update `step` (call once per update, not per micro-batch)."""
-        return self.teacher.update(self._tracked(), step)
-
-    def student_parameters(self) -> list[nn.Parameter]:
-        """What the optimizer should see: every trainable parameter outside the teacher."""
-        return [p for n, p in self.named_parameters()
-                if p.requires_grad and not n.startswith("teacher.")]
 
     def encode(self, source: Tensor, padding_mask: Tensor | None = None, mask: Tensor | None = None,
                collect_layers: int = 0) -> tuple[EncoderOutput, Tensor | None]:

@@ -40,7 +40,13 @@ from data2vec.errors import DataError
 from data2vec.modalities.base import FrontEnd
 from data2vec.nn.decoder import Decoder1d, Decoder2d, DecoderConfig
 from data2vec.nn.transformer import EncoderOutput, TransformerEncoder
-from data2vec.objective.data2vec import Data2VecOutput, feature_std, init_bert_, regression_loss
+from data2vec.objective.data2vec import (
+    Data2VecOutput,
+    StudentTeacher,
+    feature_std,
+    init_bert_,
+    regression_loss,
+)
 from data2vec.objective.ema import EMATeacher
 from data2vec.objective.targets import build_targets
 
@@ -96,7 +102,7 @@ def gather_steps(x: Tensor, ids: Tensor) -> Tensor:
     return x.gather(1, index)
 
 
-class Data2VecV2(nn.Module):
+class Data2VecV2(StudentTeacher):
     """data2vec 2.0 model: student (front-end, encoder, decoder), EMA teacher; same API as v1."""
 
     version = 2
@@ -152,22 +158,6 @@ class Data2VecV2(nn.Module):
             for name in self.frontend.local_modules:
                 setattr(part["frontend"], name, None)
         return part
-
-    def reset_teacher(self) -> None:
-        """Make the teacher an exact copy of the student (after loading student weights)."""
-        own = self.teacher.model.state_dict()
-        student = self._tracked().state_dict()
-        self.teacher.model.load_state_dict({k: student[k] for k in own})
-
-    @torch.no_grad()
-    def ema_step(self, step: int) -> float:
-        """EMA update after optimizer update `step` (once per update, not per micro-batch)."""
-        return self.teacher.update(self._tracked(), step)
-
-    def student_parameters(self) -> list[nn.Parameter]:
-        """What the optimizer should see: every trainable parameter outside the teacher."""
-        return [p for n, p in self.named_parameters()
-                if p.requires_grad and not n.startswith("teacher.")]
 
     # ------------------------------------------------------------------------- encoding
 
