@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import re
 import sys
@@ -31,6 +32,7 @@ def machine() -> dict[str, Any]:
         info["cpu"] = platform.processor()
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
+    info["loadavg_at_write"] = list(os.getloadavg())  # other jobs on the cores slow every figure
     return info
 
 

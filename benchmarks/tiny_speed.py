@@ -4,6 +4,7 @@ Two figures per row: the model step alone (forward + backward + AdamW + EMA on p
 batches of the demo data) and the whole loop with the data loader in the same process.
 
     python benchmarks/tiny_speed.py [--steps 40] [--modalities speech image text] [--version 1]
+        [--threads N]
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def step_fn(model, optimizer, precision: str):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         model.ema_step(next(step))
-        return float(out.loss)
+        return out.loss.item()
 
     return run
 
@@ -73,9 +74,15 @@ def main() -> None:
     parser.add_argument("--version", type=int, default=1)
     parser.add_argument("--modalities", nargs="+", default=["speech", "image", "text"])
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     args = parser.parse_args()
-    rows = [measure(m, args.version, p, args.steps, args.warmup)
-            for m in args.modalities for p in args.precisions]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = []
+    for modality in args.modalities:
+        for precision in args.precisions:
+            rows.append(measure(modality, args.version, precision, args.steps, args.warmup))
+            print(rows[-1], flush=True)
     print_table(rows, ["modality", "version", "precision", "params_M", "batch",
                        "steps_per_s_model", "steps_per_s_with_loader"])
     print(write_result(f"tiny_speed_v{args.version}", {"rows": rows}))

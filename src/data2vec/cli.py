@@ -125,8 +125,8 @@ def _register_optional(sub: argparse._SubParsersAction) -> None:
         try:
             module = __import__(module_name, fromlist=["register"])
         except ModuleNotFoundError as e:
-            if e.name != module_name:
-                raise
+            if e.name is None or not module_name.startswith(e.name):
+                raise  # a missing dependency inside the package is a real error
             continue
         module.register(sub)
 
