@@ -19,7 +19,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table, write_result  # noqa: E402
-
 from data2vec.build import build_model  # noqa: E402
 from data2vec.config import load_config  # noqa: E402
 from data2vec.data.loader import build_pretrain_loader  # noqa: E402

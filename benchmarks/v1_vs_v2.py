@@ -34,7 +34,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, print_table, write_result  # noqa: E402
-
 from data2vec.build import build_model  # noqa: E402
 from data2vec.config import Config, load_config  # noqa: E402
 from data2vec.data.loader import (  # noqa: E402

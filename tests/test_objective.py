@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import LinearFrontEnd
 
+from conftest import LinearFrontEnd
 from data2vec.batch import Batch
 from data2vec.nn.transformer import EncoderConfig, TransformerEncoder
 from data2vec.objective import Data2Vec, ObjectiveConfig, build_targets, ema_decay, ema_update

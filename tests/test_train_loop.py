@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import LinearFrontEnd
 
+from conftest import LinearFrontEnd
 from data2vec.batch import Batch
 from data2vec.config import Config, OptimConfig, RunConfig
 from data2vec.errors import CheckpointError
