@@ -1,0 +1,1 @@
+"""Fine-tuning and evaluation: CTC speech recognition, image, text and audio classification."""

@@ -1,0 +1,126 @@
+"""`data2vec finetune` + `data2vec evaluate` end to end on small demo data, one run per task,
+and initialisation from a pre-training run (student or EMA teacher)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from data2vec.cli import main
+from data2vec.data.demo import prepare_demo
+from data2vec.finetune.loop import FinetuneConfig, load_backbone
+from data2vec.train import checkpoint as ckpt
+
+TINY = ["model.encoder.depth=1", "model.objective.top_k=1", "threads=1", "--max-steps", "3",
+        "--batch-size", "4"]
+
+
+@pytest.fixture(scope="module")
+def demo_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    home = tmp_path_factory.mktemp("home")
+    prepare_demo("image", home / "demo" / "image")
+    prepare_demo("text", home / "demo" / "text")
+    prepare_demo("speech", home / "speech", size=30)  # not the default size: passed as --data
+    return home
+
+
+@pytest.fixture(autouse=True)
+def _home(demo_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DATA2VEC_HOME", str(demo_home))
+
+
+def _last_json(out: str) -> dict[str, float]:
+    return json.loads(next(line for line in out.splitlines() if line.startswith("{")))
+
+
+def _finetune_then_evaluate(args: list[str], run: Path, capsys: pytest.CaptureFixture,
+                            eval_args: tuple[str, ...] = ()) -> tuple[dict, dict]:
+    assert main(["finetune", *args, "--out", str(run), *TINY]) == 0
+    trained = _last_json(capsys.readouterr().out)
+    assert main(["evaluate", str(run), "--split", "valid", *eval_args]) == 0
+    return trained, _last_json(capsys.readouterr().out)
+
+
+def test_image_classification(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    trained, scored = _finetune_then_evaluate(
+        ["--task", "image-cls", "--init", "scratch", "--label-fraction", "0.1", "mixup=0.8",
+         "cutmix=1.0"], tmp_path / "img", capsys)
+    assert trained["train_examples"] == pytest.approx(144, abs=5)  # 10 % of 1,439, per class
+    assert 0.0 <= scored["accuracy"] <= scored["top5"] <= 1.0
+    assert scored["accuracy"] == pytest.approx(trained["accuracy"], abs=1e-4)  # reload = same
+
+
+def test_text_classification(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    trained, scored = _finetune_then_evaluate(
+        ["--task", "text-cls", "--init", "scratch", "max_labeled=40"], tmp_path / "txt", capsys)
+    assert trained["train_examples"] == 40
+    assert scored["accuracy"] == pytest.approx(trained["accuracy"], abs=1e-4)
+
+
+def test_glue_pairs_and_regression(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    glue = tmp_path / "STS-B"
+    glue.mkdir()
+    header = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2" \
+             "\tscore\n"
+    rows = [f"{i}\tg\tf\ty\t{i}\ts\ts\tA cat number {i}.\tA dog number {i % 3}.\t{i % 5}.0\n"
+            for i in range(12)]
+    (glue / "train.tsv").write_text(header + "".join(rows))
+    (glue / "dev.tsv").write_text(header + "".join(rows[:6]))
+    trained, scored = _finetune_then_evaluate(
+        ["--task", "text-cls", "--init", "scratch", "--glue", "stsb", "--data", str(glue)],
+        tmp_path / "stsb", capsys)
+    assert -1.0 <= scored["pearson"] <= 1.0 and -1.0 <= scored["spearman"] <= 1.0
+    assert scored["pearson"] == pytest.approx(trained["pearson"], abs=1e-4)
+
+
+def test_speech_recognition_greedy_and_lm_beam(tmp_path: Path, demo_home: Path,
+                                               capsys: pytest.CaptureFixture) -> None:
+    data = str(demo_home / "speech")
+    trained, scored = _finetune_then_evaluate(
+        ["--task", "asr", "--init", "scratch", "--data", data, "--labeled-minutes", "0.3",
+         "freeze_encoder_steps=1"], tmp_path / "asr", capsys)
+    assert trained["train_examples"] < 24  # 0.3 minutes of the 24 training clips
+    assert scored["wer"] == pytest.approx(trained["wer"], abs=1e-6)
+    assert main(["evaluate", str(tmp_path / "asr"), "--split", "valid", "--beam", "4", "--lm",
+                 "train"]) == 0
+    beam = _last_json(capsys.readouterr().out)
+    assert math.isfinite(beam["wer"]) and math.isfinite(beam["cer"])
+    arpa = (tmp_path / "asr" / "train.2gram.arpa").read_text()
+    assert "\\2-grams:" in arpa and "\t<s> " in arpa  # bigrams of the training words
+
+
+def test_audio_classification(tmp_path: Path, demo_home: Path,
+                              capsys: pytest.CaptureFixture) -> None:
+    trained, scored = _finetune_then_evaluate(
+        ["--task", "audio-cls", "--init", "scratch", "--data", str(demo_home / "speech")],
+        tmp_path / "tags", capsys)
+    assert 0.0 < scored["mAP"] <= 1.0 and not math.isnan(scored["mAP"])
+    assert scored["mAP"] == pytest.approx(trained["mAP"], abs=1e-6)
+
+
+def test_init_from_pretraining_run_student_or_teacher(tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    run = tmp_path / "pre"
+    assert main(["pretrain", "--modality", "image", "--out", str(run), "--max-steps", "2",
+                 "run.progress=false", "run.tensorboard=false", "run.threads=1",
+                 "model.encoder.depth=1", "model.objective.top_k=1"]) == 0
+    saved = ckpt.load_weights(ckpt.find_checkpoint(run))
+    student = FinetuneConfig(task="image-cls", init=str(run))
+    _, model = load_backbone(student)
+    key = "encoder.blocks.0.mlp.fc1.weight"
+    assert torch.equal(model.encoder.state_dict()["blocks.0.mlp.fc1.weight"], saved[key])
+    teacher = FinetuneConfig(task="image-cls", init=str(run), from_teacher=True)
+    _, model = load_backbone(teacher)
+    teacher_key = "teacher.model.encoder.blocks.0.mlp.fc1.weight"
+    assert not torch.equal(saved[key], saved[teacher_key])  # the EMA lags the student
+    assert torch.equal(model.encoder.state_dict()["blocks.0.mlp.fc1.weight"], saved[teacher_key])
+    trained, scored = _finetune_then_evaluate(
+        ["--task", "image-cls", "--init", str(run), "--init-from-teacher", "--linear-probe"],
+        tmp_path / "probe", capsys)
+    assert scored["accuracy"] == pytest.approx(trained["accuracy"], abs=1e-4)
+    code = main(["finetune", "--task", "asr", "--init", str(run), "--out", str(tmp_path / "x")])
+    assert code == 2 and "needs speech" in capsys.readouterr().err
