@@ -72,7 +72,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--version", type=int, default=1)
     parser.add_argument("--modalities", nargs="+", default=["speech", "image", "text"])
-    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
+    parser.add_argument("--precisions", nargs="+", default=["fp32"],
+                        help="fp32 and/or bf16 (bf16 pays only with AVX512-BF16 or AMX)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     args = parser.parse_args()
     if args.threads:
