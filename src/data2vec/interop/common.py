@@ -30,6 +30,7 @@ from data2vec.objective.data2vec import Data2Vec
 from data2vec.train.checkpoint import (
     STATE,
     WEIGHTS,
+    check_keys,
     find_checkpoint,
     load_model_weights,
     load_state,
@@ -75,25 +76,6 @@ def write_checkpoint(out: str | Path, cfg: Config, model: Data2Vec,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def check_keys(converted: dict[str, Tensor], expected: dict[str, Tensor], source: str) -> None:
-    """Every expected key present with its shape, nothing extra; the error lists the culprits."""
-    missing = sorted(set(expected) - set(converted))
-    unexpected = sorted(set(converted) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(converted)
-                   if tuple(expected[k].shape) != tuple(converted[k].shape))
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing {missing}")
-        if unexpected:
-            parts.append(f"unexpected {unexpected}")
-        if wrong:
-            parts.append("shape mismatch " + ", ".join(
-                f"{k}: {tuple(converted[k].shape)} vs expected {tuple(expected[k].shape)}"
-                for k in wrong))
-        raise CheckpointError(f"{source}: " + "; ".join(parts))
 
 
 def take(sd: dict[str, Tensor], key: str, source: str) -> Tensor:

@@ -129,21 +129,28 @@ def load_state(ckpt: Path) -> dict[str, Any]:
         raise CheckpointError(f"cannot read {path} (truncated or corrupt?): {e}") from None
 
 
-def load_model_weights(model: nn.Module, weights: dict[str, torch.Tensor],
-                       source: str = "checkpoint") -> None:
-    """Strict load that lists missing and unexpected keys in the error."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(weights))
-    unexpected = sorted(set(weights) - set(own))
-    wrong = sorted(k for k in set(own) & set(weights) if own[k].shape != weights[k].shape)
+def check_keys(converted: dict[str, torch.Tensor], expected: dict[str, torch.Tensor],
+               source: str) -> None:
+    """Every expected key present with its shape, nothing extra; the error lists the culprits."""
+    missing = sorted(set(expected) - set(converted))
+    unexpected = sorted(set(converted) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(converted)
+                   if tuple(expected[k].shape) != tuple(converted[k].shape))
     if missing or unexpected or wrong:
         parts = []
         if missing:
-            parts.append(f"missing keys {missing[:8]}{' …' if len(missing) > 8 else ''}")
+            parts.append(f"missing {missing}")
         if unexpected:
-            parts.append(f"unexpected keys {unexpected[:8]}{' …' if len(unexpected) > 8 else ''}")
+            parts.append(f"unexpected {unexpected}")
         if wrong:
             parts.append("shape mismatch " + ", ".join(
-                f"{k}: {tuple(weights[k].shape)} vs {tuple(own[k].shape)}" for k in wrong[:8]))
-        raise CheckpointError(f"{source} does not fit the model: " + "; ".join(parts))
+                f"{k}: {tuple(converted[k].shape)} vs expected {tuple(expected[k].shape)}"
+                for k in wrong))
+        raise CheckpointError(f"{source}: " + "; ".join(parts))
+
+
+def load_model_weights(model: nn.Module, weights: dict[str, torch.Tensor],
+                       source: str = "checkpoint") -> None:
+    """Strict load that lists missing and unexpected keys in the error."""
+    check_keys(weights, model.state_dict(), f"{source} does not fit the model")
     model.load_state_dict(weights)
