@@ -13,14 +13,9 @@ so ``data2vec.train.checkpoint.find_checkpoint`` / ``load_weights`` / ``load_sta
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
 from torch import Tensor
 
 from data2vec.build import build_model
@@ -29,12 +24,12 @@ from data2vec.errors import CheckpointError
 from data2vec.objective.data2vec import Data2Vec
 from data2vec.train.checkpoint import (
     STATE,
-    WEIGHTS,
     check_keys,
     find_checkpoint,
     load_model_weights,
     load_state,
     load_weights,
+    write_checkpoint_dir,
 )
 
 
@@ -61,21 +56,9 @@ def load_our_model(path: str | Path) -> tuple[Config, Data2Vec]:
 def write_checkpoint(out: str | Path, cfg: Config, model: Data2Vec,
                      report: ImportReport) -> Path:
     """Write `model` as a checkpoint directory `out` (atomically: temp dir, then rename)."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(weights, tmp / WEIGHTS)
-        torch.save({"config": to_dict(cfg), "step": 0, "imported_from": report.source,
-                    "notes": list(report.notes)}, tmp / STATE)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    state = {"config": to_dict(cfg), "step": 0, "imported_from": report.source,
+             "notes": list(report.notes)}
+    return write_checkpoint_dir(Path(out), model, state)
 
 
 def take(sd: dict[str, Tensor], key: str, source: str) -> Tensor:

@@ -54,12 +54,11 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(ckpt_root: Path, step: int, model: nn.Module, state: dict[str, Any],
-                    keep_last: int = 0) -> Path:
-    """Write checkpoint `step` atomically; keep only the newest `keep_last` (0 = all)."""
-    ckpt_root.mkdir(parents=True, exist_ok=True)
-    final = ckpt_root / f"step-{step:07d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:07d}.", dir=ckpt_root))
+def write_checkpoint_dir(final: Path, model: nn.Module, state: dict[str, Any]) -> Path:
+    """Write one checkpoint directory (weights + state) under a temporary name, then rename it
+    into place, so a killed process never leaves a half-written checkpoint."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
         weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(weights, tmp / WEIGHTS)
@@ -70,6 +69,13 @@ def save_checkpoint(ckpt_root: Path, step: int, model: nn.Module, state: dict[st
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return final
+
+
+def save_checkpoint(ckpt_root: Path, step: int, model: nn.Module, state: dict[str, Any],
+                    keep_last: int = 0) -> Path:
+    """Write checkpoint `step` atomically; keep only the newest `keep_last` (0 = all)."""
+    final = write_checkpoint_dir(ckpt_root / f"step-{step:07d}", model, state)
     _write_atomic(ckpt_root / "latest", final.name + "\n")
     if keep_last > 0:
         for old in list_checkpoints(ckpt_root)[:-keep_last]:
