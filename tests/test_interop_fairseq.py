@@ -183,12 +183,6 @@ def test_unknown_and_missing_fairseq_keys_are_named(tmp_path: Path) -> None:
         model_from_fairseq(_save(tmp_path, {"model": missing, "cfg": cfg}, "missing.pt"))
 
 
-def test_data2vec_2_layout_is_refused_by_name(tmp_path: Path) -> None:
-    path = _save(tmp_path, {"model": {"modality_encoders.AUDIO.alibi_scale": torch.ones(1)}})
-    with pytest.raises(CheckpointError, match="2.0"):
-        model_from_fairseq(path)
-
-
 # ------------------------------------------------------------------------ BEiT (vision v1)
 
 

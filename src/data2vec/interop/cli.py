@@ -48,8 +48,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("import", help="build our checkpoint from HF or fairseq weights",
                        description="Import a HuggingFace data2vec model directory (or a hub id "
                                    "already in the local cache; never downloads) or a released "
-                                   "fairseq / BEiT data2vec 1.0 .pt file (read without executing "
-                                   "code) into a checkpoint directory.")
+                                   "fairseq data2vec 1.0 / 2.0 or BEiT-format .pt file (read "
+                                   "without executing code) into a checkpoint directory.")
     p.add_argument("--from", dest="from_", required=True, choices=["hf", "fairseq"])
     p.add_argument("source", help="HF directory or cached hub id, or a fairseq .pt file")
     p.add_argument("--out", required=True, type=Path,

@@ -68,6 +68,14 @@ def take(sd: dict[str, Tensor], key: str, source: str) -> Tensor:
     return sd.pop(key)
 
 
+def take_linear(sd: dict[str, Tensor], src: str, out: dict[str, Tensor], dst: str, source: str,
+                bias: bool = True) -> None:
+    """Move `src`.weight (and .bias) of a source state dict to `dst`.weight/.bias in `out`."""
+    out[f"{dst}.weight"] = take(sd, f"{src}.weight", source)
+    if bias:
+        out[f"{dst}.bias"] = take(sd, f"{src}.bias", source)
+
+
 def fail_on_leftovers(sd: dict[str, Tensor], source: str) -> None:
     """Source keys no rule consumed are an error, listed, never dropped silently."""
     if sd:
@@ -75,4 +83,4 @@ def fail_on_leftovers(sd: dict[str, Tensor], source: str) -> None:
 
 
 __all__ = ["ImportReport", "check_keys", "fail_on_leftovers", "load_our_model", "take",
-           "write_checkpoint"]
+           "take_linear", "write_checkpoint"]

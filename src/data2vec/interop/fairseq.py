@@ -1,4 +1,4 @@
-"""Import released data2vec 1.0 checkpoints: fairseq audio / text and BEiT-format vision.
+"""Import released data2vec checkpoints: fairseq 1.0 audio / text, BEiT-format vision, and 2.0.
 
 The file is read with :func:`~data2vec.interop.safe_unpickle.load_checkpoint_file`, which never
 executes code from it (OmegaConf / argparse objects become inert stand-ins). Supported layouts:
@@ -11,7 +11,8 @@ executes code from it (OmegaConf / argparse objects become inert stand-ins). Sup
 - data2vec_vision (BEiT fork) ``checkpoint-*.pth``: ``model`` (and ``model_ema`` when saved):
   ``cls_token``, ``mask_token``, ``patch_embed.proj``, shared ``rel_pos_bias`` or per-block
   ``attn.relative_position_bias_table``, ``attn.qkv`` + ``q_bias``/``v_bias``, ``gamma_1/2``,
-  ``norm``, ``lm_head``.
+  ``norm``, ``lm_head``;
+- fairseq ``data2vec_multi`` (data2vec 2.0, any one modality): see :mod:`.fairseq_v2`.
 
 Every source tensor is either mapped, or listed in the report with the reason it is not needed
 (e.g. the teacher's copy of the shared positional conv), or the import fails naming it. The
@@ -37,12 +38,14 @@ from data2vec.interop.common import (
     check_keys,
     fail_on_leftovers,
     take,
+    take_linear,
     write_checkpoint,
 )
+from data2vec.interop.fairseq_v2 import import_v2
 from data2vec.interop.safe_unpickle import load_checkpoint_file, plain
 from data2vec.modalities.speech import parse_conv_spec
 from data2vec.nn.attention import RelativePositionBias
-from data2vec.objective.data2vec import Data2Vec
+from data2vec.objective.data2vec import StudentTeacher
 
 CTC_PREFIX = "w2v_encoder.w2v_model."
 TEXT_PREFIX = "encoder.sentence_encoder."
@@ -50,13 +53,6 @@ BEIT_EPS = 1e-6
 FAIRSEQ_EPS = 1e-5
 
 # --------------------------------------------------------------------------- block mapping
-
-
-def _pop_linear(sd: dict[str, Tensor], src: str, out: dict[str, Tensor], dst: str,
-                source: str, bias: bool = True) -> None:
-    out[f"{dst}.weight"] = take(sd, f"{src}.weight", source)
-    if bias:
-        out[f"{dst}.bias"] = take(sd, f"{src}.bias", source)
 
 
 def _fairseq_block(sd: dict[str, Tensor], src: str, dst: str, source: str) -> dict[str, Tensor]:
@@ -69,11 +65,11 @@ def _fairseq_block(sd: dict[str, Tensor], src: str, dst: str, source: str) -> di
     for kind in ("weight", "bias"):
         out[f"{dst}.attn.qkv.{kind}"] = torch.cat(
             [take(sd, f"{src}.self_attn.{p}_proj.{kind}", source) for p in ("q", "k", "v")])
-    _pop_linear(sd, f"{src}.self_attn.out_proj", out, f"{dst}.attn.proj", source)
-    _pop_linear(sd, f"{src}.self_attn_layer_norm", out, f"{dst}.norm1", source)
-    _pop_linear(sd, f"{src}.fc1", out, f"{dst}.mlp.fc1", source)
-    _pop_linear(sd, f"{src}.fc2", out, f"{dst}.mlp.fc2", source)
-    _pop_linear(sd, f"{src}.final_layer_norm", out, f"{dst}.norm2", source)
+    take_linear(sd, f"{src}.self_attn.out_proj", out, f"{dst}.attn.proj", source)
+    take_linear(sd, f"{src}.self_attn_layer_norm", out, f"{dst}.norm1", source)
+    take_linear(sd, f"{src}.fc1", out, f"{dst}.mlp.fc1", source)
+    take_linear(sd, f"{src}.fc2", out, f"{dst}.mlp.fc2", source)
+    take_linear(sd, f"{src}.final_layer_norm", out, f"{dst}.norm2", source)
     return out
 
 
@@ -216,7 +212,7 @@ def _audio_encoder(sd: dict[str, Tensor], cfg: Config, src: str, dst: str,
     for i in range(cfg.model.encoder.depth):
         out.update(_fairseq_block(sd, f"{src}layers.{i}", f"{dst}blocks.{i}", source))
     norm = "final_norm" if cfg.model.encoder.layer_norm_first else "input_norm"
-    _pop_linear(sd, f"{src}layer_norm", out, f"{dst}{norm}", source)
+    take_linear(sd, f"{src}layer_norm", out, f"{dst}{norm}", source)
     return out
 
 
@@ -225,15 +221,15 @@ def _audio_student(sd: dict[str, Tensor], cfg: Config, source: str) -> dict[str,
     fe = cfg.model.frontend
     for i, _ in enumerate(parse_conv_spec(fe.conv_spec)):
         src, dst = f"feature_extractor.conv_layers.{i}", f"frontend.feature_encoder.{i}"
-        _pop_linear(sd, f"{src}.0", out, f"{dst}.conv", source, bias=fe.conv_bias)
+        take_linear(sd, f"{src}.0", out, f"{dst}.conv", source, bias=fe.conv_bias)
         if fe.extractor_mode == "layer_norm":
-            _pop_linear(sd, f"{src}.2.1", out, f"{dst}.norm", source)
+            take_linear(sd, f"{src}.2.1", out, f"{dst}.norm", source)
         elif i == 0:
-            _pop_linear(sd, f"{src}.2", out, f"{dst}.norm", source)
-    _pop_linear(sd, "layer_norm", out, "frontend.feature_norm", source)
-    _pop_linear(sd, "post_extract_proj", out, "frontend.feature_proj", source)
+            take_linear(sd, f"{src}.2", out, f"{dst}.norm", source)
+    take_linear(sd, "layer_norm", out, "frontend.feature_norm", source)
+    take_linear(sd, "post_extract_proj", out, "frontend.feature_proj", source)
     for i in range(fe.pos_conv_depth):
-        _pop_linear(sd, f"encoder.pos_conv.{i}.0", out, f"frontend.pos_conv.layers.{i}.conv",
+        take_linear(sd, f"encoder.pos_conv.{i}.0", out, f"frontend.pos_conv.layers.{i}.conv",
                     source)
     out.update(_audio_encoder(sd, cfg, "encoder.", "encoder.", source))
     return out
@@ -270,7 +266,7 @@ def _import_audio(sd: dict[str, Tensor], cfg_dict: dict[str, Any], source: str,
     out = _audio_student(sd, cfg, source)
     for name in ("final_proj", "final_proj.0"):
         if f"{name}.weight" in sd:
-            _pop_linear(sd, name, out, "head", source)
+            take_linear(sd, name, out, "head", source)
     fail_on_leftovers(sd, source)
     if ema is not None:
         out.update(_audio_teacher(dict(ema), cfg, report, source))
@@ -337,13 +333,13 @@ def _import_text(sd: dict[str, Tensor], cfg_dict: dict[str, Any], source: str,
         "frontend.embed_tokens.weight": take(sd, f"{p}embed_tokens.weight", source),
         "frontend.embed_positions.weight": take(sd, f"{p}embed_positions.weight", source),
     }
-    _pop_linear(sd, f"{p}layernorm_embedding", out, "frontend.layer_norm", source)
+    take_linear(sd, f"{p}layernorm_embedding", out, "frontend.layer_norm", source)
     out.update(_text_blocks(sd, cfg, p, "encoder.", source))
     if cfg.model.objective.head_layers == 2:
-        _pop_linear(sd, "encoder.regression_head.0", out, "head.0", source)
-        _pop_linear(sd, "encoder.regression_head.2", out, "head.2", source)
+        take_linear(sd, "encoder.regression_head.0", out, "head.0", source)
+        take_linear(sd, "encoder.regression_head.2", out, "head.2", source)
     elif "encoder.regression_head.0.weight" in sd:
-        _pop_linear(sd, "encoder.regression_head.0", out, "head", source)
+        take_linear(sd, "encoder.regression_head.0", out, "head", source)
     fail_on_leftovers(sd, source)
     if ema is not None:
         ema = dict(ema)
@@ -414,7 +410,7 @@ def _beit_tensors(sd: dict[str, Tensor], cfg: Config, dst: str, source: str,
            f"{fe_p}mask_token": take(sd, "mask_token", source)}
     if cfg.model.frontend.positions == "learned":
         out[f"{fe_p}pos_embed"] = take(sd, "pos_embed", source)
-    _pop_linear(sd, "patch_embed.proj", out, f"{fe_p}patch_embed", source)
+    take_linear(sd, "patch_embed.proj", out, f"{fe_p}patch_embed", source)
     index = RelativePositionBias._index(*window)
     if enc.relative_position_bias == "shared":
         out[f"{enc_p}rel_pos_bias.relative_position_bias_table"] = take(
@@ -422,7 +418,7 @@ def _beit_tensors(sd: dict[str, Tensor], cfg: Config, dst: str, source: str,
         _check_index(sd, "rel_pos_bias.relative_position_index", index, source)
     for i in range(enc.depth):
         s, d = f"blocks.{i}", f"{enc_p}blocks.{i}"
-        _pop_linear(sd, f"{s}.attn.qkv", out, f"{d}.attn.qkv", source, bias=enc.qkv_bias == "all")
+        take_linear(sd, f"{s}.attn.qkv", out, f"{d}.attn.qkv", source, bias=enc.qkv_bias == "all")
         if enc.qkv_bias == "qv":
             out[f"{d}.attn.q_bias"] = take(sd, f"{s}.attn.q_bias", source)
             out[f"{d}.attn.v_bias"] = take(sd, f"{s}.attn.v_bias", source)
@@ -430,16 +426,16 @@ def _beit_tensors(sd: dict[str, Tensor], cfg: Config, dst: str, source: str,
             out[f"{d}.rel_pos_bias.relative_position_bias_table"] = take(
                 sd, f"{s}.attn.relative_position_bias_table", source)
             _check_index(sd, f"{s}.attn.relative_position_index", index, source)
-        _pop_linear(sd, f"{s}.attn.proj", out, f"{d}.attn.proj", source)
-        _pop_linear(sd, f"{s}.norm1", out, f"{d}.norm1", source)
-        _pop_linear(sd, f"{s}.norm2", out, f"{d}.norm2", source)
-        _pop_linear(sd, f"{s}.mlp.fc1", out, f"{d}.mlp.fc1", source)
-        _pop_linear(sd, f"{s}.mlp.fc2", out, f"{d}.mlp.fc2", source)
+        take_linear(sd, f"{s}.attn.proj", out, f"{d}.attn.proj", source)
+        take_linear(sd, f"{s}.norm1", out, f"{d}.norm1", source)
+        take_linear(sd, f"{s}.norm2", out, f"{d}.norm2", source)
+        take_linear(sd, f"{s}.mlp.fc1", out, f"{d}.mlp.fc1", source)
+        take_linear(sd, f"{s}.mlp.fc2", out, f"{d}.mlp.fc2", source)
         if enc.layer_scale_init > 0:
             out[f"{d}.ls1.gamma"] = take(sd, f"{s}.gamma_1", source)
             out[f"{d}.ls2.gamma"] = take(sd, f"{s}.gamma_2", source)
     if enc.final_norm:
-        _pop_linear(sd, "norm", out, f"{enc_p}final_norm", source)
+        take_linear(sd, "norm", out, f"{enc_p}final_norm", source)
     return out
 
 
@@ -457,7 +453,7 @@ def _import_beit(sd: dict[str, Tensor], ckpt: dict[str, Any], cfg_dict: dict[str
     grid = cfg.model.frontend.image_size // cfg.model.frontend.patch_size
     out = _beit_tensors(sd, cfg, "", source, (grid, grid))
     if "lm_head.weight" in sd:
-        _pop_linear(sd, "lm_head", out, "head", source)
+        take_linear(sd, "lm_head", out, "head", source)
     heads = sorted(k for k in sd if k.startswith(("fc_norm.", "head.")))
     if heads:
         report.notes.append(f"not imported (classification head, outside the pre-trained "
@@ -480,11 +476,10 @@ def _import_beit(sd: dict[str, Tensor], ckpt: dict[str, Any], cfg_dict: dict[str
 
 
 def detect_format(sd: Mapping[str, Any]) -> str:
-    """'audio', 'text' or 'beit' from the key names; v2 and unknown layouts are errors."""
+    """'audio', 'text', 'beit' (data2vec 1.0) or 'v2' (data2vec_multi) from the key names."""
     keys = set(sd)
-    if any(k.startswith("modality_encoders.") for k in keys):
-        raise CheckpointError("data2vec 2.0 (data2vec_multi) checkpoints are not supported by "
-                              "this importer yet: only data2vec 1.0 audio/text and BEiT vision")
+    if any("modality_encoders." in k for k in keys):
+        return "v2"
     if "feature_extractor.conv_layers.0.0.weight" in keys or \
             f"{CTC_PREFIX}feature_extractor.conv_layers.0.0.weight" in keys:
         return "audio"
@@ -495,8 +490,8 @@ def detect_format(sd: Mapping[str, Any]) -> str:
     raise CheckpointError(f"unrecognised checkpoint layout (first keys: {sorted(keys)[:6]})")
 
 
-def model_from_fairseq(path: str | Path) -> tuple[Config, Data2Vec, ImportReport]:
-    """Our model (student, head, EMA teacher) from a released data2vec 1.0 checkpoint file."""
+def model_from_fairseq(path: str | Path) -> tuple[Config, StudentTeacher, ImportReport]:
+    """Our model (student, head or decoder, EMA teacher) from a released checkpoint file."""
     source = str(path)
     sd, cfg_dict, ckpt = read_fairseq(path)
     report = ImportReport(source=f"fairseq {source}")
@@ -505,36 +500,40 @@ def model_from_fairseq(path: str | Path) -> tuple[Config, Data2Vec, ImportReport
         cfg, tensors = _import_audio(sd, cfg_dict, source, report)
     elif kind == "text":
         cfg, tensors = _import_text(sd, cfg_dict, source, report)
+    elif kind == "v2":
+        cfg, tensors = import_v2(sd, cfg_dict, source, report)
     else:
         cfg, tensors = _import_beit(sd, ckpt, cfg_dict, source, report)
     return cfg, _assemble(cfg, tensors, report, source), report
 
 
 def _assemble(cfg: Config, tensors: dict[str, Tensor], report: ImportReport,
-              source: str) -> Data2Vec:
+              source: str) -> StudentTeacher:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # reproducible init of anything the file lacks (a head)
         model = build_model(cfg)
     sd = model.state_dict()
-    has_teacher = any(k.startswith("teacher.") for k in tensors)
-    has_head = any(k.startswith("head") for k in tensors)
+    # Parts a file may lack (fine-tuned files drop them): kept as initialised, and reported.
+    optional = ("teacher.", "head", "decoder.")
+    present = {p for p in optional if any(k.startswith(p) for k in tensors)}
     expected = {k: v for k, v in sd.items()
-                if (has_teacher or not k.startswith("teacher."))
-                and (has_head or not k.startswith("head"))
+                if not any(k.startswith(p) and p not in present for p in optional)
                 and k != "frontend.token_type"}
     check_keys(tensors, expected, source)
     sd.update({k: v.to(sd[k].dtype) for k, v in tensors.items()})
     model.load_state_dict(sd)
-    if not has_teacher:
+    if "teacher." not in present:
         model.reset_teacher()
         report.notes.append("no EMA teacher in the file: teacher = copy of the student")
-    if not has_head:
+    if cfg.version == 1 and "head" not in present:
         report.notes.append("no regression head in the file: freshly initialised")
+    if cfg.version == 2 and "decoder." not in present:
+        report.notes.append("no decoder in the file: freshly initialised")
     return model.eval()
 
 
 def import_fairseq(path: str | Path, out: str | Path) -> tuple[Path, ImportReport]:
-    """Import a released data2vec 1.0 checkpoint into our checkpoint directory `out`."""
+    """Import a released data2vec 1.0 or 2.0 checkpoint into our checkpoint directory `out`."""
     cfg, model, report = model_from_fairseq(path)
     return write_checkpoint(out, cfg, model, report), report
 
