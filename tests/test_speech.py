@@ -172,20 +172,25 @@ def test_span_mask_rejects_left_padding() -> None:
 # ---------------------------------------------------------------------------- the modules
 
 
-def test_feature_encoder_equals_conv1d_layer_norm_gelu() -> None:
-    # the unfold + matmul path against the textbook Conv1d on (B, C, T)
+@pytest.mark.parametrize("training", [True, False])
+def test_feature_encoder_equals_conv1d_layer_norm_gelu(training: bool) -> None:
+    # training: the unfold + matmul path; eval: fairseq's / HF's layouts, bit for bit
     cfg = SpeechFrontEndConfig(conv_spec="[(16,10,5)] + [(16,3,2), (16,2,2)]", conv_bias=True,
                                pos_conv_depth=1, pos_conv_width=3, pos_conv_groups=1)
-    frontend = SpeechFrontEnd(cfg, dim=8)
+    frontend = SpeechFrontEnd(cfg, dim=8).train(training)
     wave = torch.randn(2, 1000)
-    x, reference = wave.unsqueeze(-1), wave.unsqueeze(1)  # (B, S, 1), (B, 1, S)
+    reference = wave.unsqueeze(1)  # (B, 1, S)
+    x = reference.transpose(1, 2)  # (B, S, 1), as local_features feeds it
     for layer in frontend.feature_encoder:
         x = layer(x)
-        y = layer.conv(reference).transpose(1, 2)  # (B, T, C)
-        mean, var = y.mean(-1, keepdim=True), y.var(-1, unbiased=False, keepdim=True)
-        y = (y - mean) / torch.sqrt(var + cfg.layer_norm_eps) * layer.norm.weight + layer.norm.bias
-        reference = torch.nn.functional.gelu(y).transpose(1, 2)
-        assert torch.allclose(x, reference.transpose(1, 2), atol=1e-5)
+        y = layer.conv(reference)  # (B, C, T)
+        y = torch.nn.functional.layer_norm(y.transpose(1, 2), (16,), layer.norm.weight,
+                                           layer.norm.bias, cfg.layer_norm_eps).transpose(1, 2)
+        reference = torch.nn.functional.gelu(y)  # on the transposed view, as fairseq / HF
+        if training:
+            assert torch.allclose(x, reference.transpose(1, 2), atol=1e-5)
+        else:
+            assert torch.equal(x, reference.transpose(1, 2))
 
 
 def test_positional_conv_preserves_length_and_is_local() -> None:
