@@ -51,10 +51,11 @@ def channel_mask(batch: int, channels: int, mask_prob: float, mask_length: int,
     return mask
 
 
-def make_head(task: Task, dim: int, num_outputs: int, dropout: float) -> nn.Module:
-    """The task's head on D-dim features."""
+def make_head(task: Task, dim: int, num_outputs: int, dropout: float,
+              norm_eps: float = 1e-6) -> nn.Module:
+    """The task's head on D-dim features (`norm_eps`: the image fc_norm's, the encoder's)."""
     if task == "image-cls":
-        head = nn.Sequential(nn.LayerNorm(dim, eps=1e-6), nn.Linear(dim, num_outputs))
+        head = nn.Sequential(nn.LayerNorm(dim, eps=norm_eps), nn.Linear(dim, num_outputs))
         nn.init.trunc_normal_(head[1].weight, std=0.02)  # MAE: trunc-normal, zero bias
         nn.init.zeros_(head[1].bias)
         return head
@@ -76,7 +77,8 @@ class FineTuneModel(nn.Module):
                  num_outputs: int, pooling: Pooling = "mean", dropout: float = 0.0) -> None:
         super().__init__()
         self.frontend, self.encoder, self.task, self.pooling = frontend, encoder, task, pooling
-        self.head = make_head(task, frontend.dim, num_outputs, dropout)
+        # fc_norm shares the encoder's epsilon (1e-6 in every image preset), as HF's pooler does
+        self.head = make_head(task, frontend.dim, num_outputs, dropout, encoder.cfg.norm_eps)
         self.frozen_encoder = False
 
     def freeze_feature_encoder(self) -> None:

@@ -4,6 +4,8 @@
 lazily. Released ``.pt`` files are read without executing code (see ``safe_unpickle``).
 
 - :func:`data2vec.interop.hf.export_hf` (run or checkpoint -> HF directory)
-- :func:`data2vec.interop.hf.import_hf` (HF directory / cached hub id -> our checkpoint)
-- :func:`data2vec.interop.fairseq.import_fairseq` (fairseq / BEiT .pt -> our checkpoint)
+- :func:`data2vec.interop.hf.import_hf` (HF directory / cached hub id -> our checkpoint; a task
+  model -> our fine-tuned run, see ``hf_tasks``)
+- :func:`data2vec.interop.fairseq.import_fairseq` (fairseq data2vec 1.0 / 2.0 or BEiT .pt -> our
+  checkpoint; 2.0 in ``fairseq_v2``)
 """

@@ -1,4 +1,4 @@
-"""HuggingFace ``transformers`` <-> our data2vec 1.0 models (audio, vision, text base models).
+"""HuggingFace ``transformers`` <-> our data2vec 1.0 models (audio, vision, text; base and task).
 
 Export writes a directory that ``Data2Vec{Audio,Vision,Text}Model.from_pretrained`` loads
 (config.json + model.safetensors); import builds our model from such a directory (or a hub id
@@ -32,6 +32,7 @@ from data2vec.build import build_model
 from data2vec.config import Config, config_from_dict, load_config, to_dict
 from data2vec.errors import CheckpointError, ConfigError
 from data2vec.interop.common import ImportReport, check_keys, load_our_model, write_checkpoint
+from data2vec.interop.hf_tasks import detect_task, head_from_hf, split_head, write_task_run
 from data2vec.interop.safe_unpickle import load_checkpoint_file
 from data2vec.modalities.speech import parse_conv_spec
 from data2vec.objective.data2vec import Data2Vec
@@ -527,14 +528,10 @@ def _task_config(cfg: Config, task: str, ft: dict[str, Any], labels: dict[str, A
     elif task == "audio-cls":
         extra.update(classifier_proj_size=enc.dim, use_weighted_layer_sum=False,
                      problem_type="multi_label_classification")
-    elif task == "image-cls":
-        if enc.final_norm or ft.get("pooling", "mean") != "mean":
-            raise _refuse("model.encoder.final_norm=true with the image-cls head",
-                          "HF Data2VecVisionForImageClassification mean-pools the patches "
-                          "without a final LayerNorm before its pooler LayerNorm")
-        if enc.norm_eps != 1e-6:
-            raise _refuse(f"model.encoder.norm_eps={enc.norm_eps}", "the HF pooler LayerNorm "
-                          "shares layer_norm_eps with the encoder; our fc_norm uses 1e-6")
+    elif task == "image-cls" and (enc.final_norm or ft.get("pooling", "mean") != "mean"):
+        raise _refuse("model.encoder.final_norm=true with the image-cls head",
+                      "HF Data2VecVisionForImageClassification mean-pools the patches "
+                      "without a final LayerNorm before its pooler LayerNorm")
     return extra
 
 
@@ -641,12 +638,19 @@ def read_hf_weights(directory: Path) -> dict[str, Tensor]:
     raise CheckpointError(f"{directory}: no model.safetensors or pytorch_model.bin")
 
 
+def _read_config(directory: Path) -> dict[str, Any]:
+    path = directory / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{directory}: no config.json")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
 def model_from_hf_dir(directory: Path) -> tuple[Config, Data2Vec, ImportReport]:
     """Our model built from a local HF data2vec directory."""
-    config_path = directory / "config.json"
-    if not config_path.is_file():
-        raise CheckpointError(f"{directory}: no config.json")
-    hf_cfg = json.loads(config_path.read_text())
+    hf_cfg = _read_config(directory)
     report = ImportReport(source=f"HF {directory}")
     cfg = config_from_hf(hf_cfg, report.notes)
     probe = build_model(cfg)
@@ -656,11 +660,23 @@ def model_from_hf_dir(directory: Path) -> tuple[Config, Data2Vec, ImportReport]:
 
 
 def import_hf(name: str | Path, out: str | Path) -> tuple[Path, ImportReport]:
-    """Import a HF data2vec directory (or cached hub id) into our checkpoint directory `out`."""
+    """Import a HF data2vec directory (or cached hub id) into `out`: a checkpoint directory
+    for a base model, a fine-tuning run for a task model (see :mod:`.hf_tasks`)."""
     directory = resolve_hf_dir(name)
-    cfg, model, report = model_from_hf_dir(directory)
-    report.source = f"HF {name}"
-    return write_checkpoint(out, cfg, model, report), report
+    hf_cfg = _read_config(directory)
+    task = detect_task(hf_cfg)
+    if task is None:
+        cfg, model, report = model_from_hf_dir(directory)
+        report.source = f"HF {name}"
+        return write_checkpoint(out, cfg, model, report), report
+    report = ImportReport(source=f"HF {name}")
+    cfg = config_from_hf(hf_cfg, report.notes)
+    weights = read_hf_weights(directory)
+    head = split_head(task, weights)
+    student = from_hf_state_dict(cfg, weights, build_model(cfg), str(directory), report.notes)
+    ours, labels = head_from_hf(task, head, hf_cfg, directory, report.notes)
+    return write_task_run(Path(out), task, cfg, student, ours, labels, hf_cfg, directory,
+                          report), report
 
 
 __all__ = ["Entry", "build_hf_model", "config_from_hf", "export_hf", "from_hf_state_dict",
