@@ -122,3 +122,28 @@ def test_mixing_keeps_targets_normalised(mode: str) -> None:
     else:
         kept = float((images[0] == 0).float().mean())
         assert math.isclose(kept, weight_own, abs_tol=1e-6)
+
+
+def test_v2_speech_fine_tuning_keeps_the_pretrained_alibi_bias(tmp_path) -> None:
+    from data2vec.finetune.loop import _save, load_finetuned
+
+    ft = FinetuneConfig(task="asr", init="scratch", version=2, max_steps=4)
+    cfg, backbone = load_backbone(ft, SMALL)
+    with torch.no_grad():
+        backbone.alibi.alibi_scale.copy_(torch.tensor([0.5, 1.5, 2.0, 0.0]))
+    model = build_finetune_model(ft, cfg, backbone, 5).eval()
+    wave = torch.randn(2, 4000)
+    with torch.no_grad():
+        ours, _ = model.features(wave)
+        pretrained, _ = backbone.eval().encode(wave)  # the v2 encoder with its full ALiBi bias
+        assert torch.allclose(ours, pretrained.x, atol=1e-6)
+        model.alibi = None  # without the bias the features change: the check has teeth
+        assert not torch.allclose(model.features(wave)[0], ours, atol=1e-3)
+    model.alibi = backbone.alibi
+    assert "alibi.alibi_scale" in dict(model.named_parameters())  # fine-tuned with the rest
+    from data2vec.finetune.ctc import Vocabulary
+
+    _save(tmp_path, model, cfg, ft, {"vocab": Vocabulary(["<blank>", "|", "A", "B", "C"])},
+          None, 1)
+    loaded, *_ = load_finetuned(tmp_path)
+    assert torch.equal(loaded.alibi.alibi_scale, backbone.alibi.alibi_scale)

@@ -227,7 +227,7 @@ def build_finetune_model(ft: FinetuneConfig, cfg: Config, backbone: nn.Module,
                          num_outputs: int) -> FineTuneModel:
     """Wrap the backbone's front-end and encoder with the task head; apply freezing."""
     model = FineTuneModel(backbone.frontend, backbone.encoder, ft.task, num_outputs, ft.pooling,
-                          ft.dropout)
+                          ft.dropout, getattr(backbone, "alibi", None))
     if ft.drop_path >= 0:
         rates = torch.linspace(0, ft.drop_path, len(model.encoder.blocks)).tolist()
         for block, rate in zip(model.encoder.blocks, rates, strict=True):
@@ -451,6 +451,10 @@ def load_finetuned(path: Path) -> tuple[FineTuneModel, FinetuneConfig, Config, d
     encoder = TransformerEncoder(cfg.model.encoder, window_size=frontend.window_size)
     backbone = nn.Module()
     backbone.frontend, backbone.encoder = frontend, encoder
+    if cfg.version == 2 and cfg.model.v2.alibi:
+        from data2vec.objective.data2vec2 import AlibiBias
+
+        backbone.alibi = AlibiBias(cfg.model.encoder.num_heads)
     model = build_finetune_model(replace(ft, linear_probe=False), cfg, backbone,
                                  _num_outputs(ft, labels))
     ckpt.load_model_weights(model, ckpt.load_weights(where), str(where))

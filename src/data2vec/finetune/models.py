@@ -74,9 +74,13 @@ class FineTuneModel(nn.Module):
     """
 
     def __init__(self, frontend: FrontEnd, encoder: TransformerEncoder, task: Task,
-                 num_outputs: int, pooling: Pooling = "mean", dropout: float = 0.0) -> None:
+                 num_outputs: int, pooling: Pooling = "mean", dropout: float = 0.0,
+                 alibi: nn.Module | None = None) -> None:
         super().__init__()
         self.frontend, self.encoder, self.task, self.pooling = frontend, encoder, task, pooling
+        self.alibi = alibi
+        """data2vec 2.0 speech: the pre-trained ALiBi bias (learned per-head scales), which the
+        encoder was trained with and keeps using (and fine-tuning) here, as fairseq does."""
         # fc_norm shares the encoder's epsilon (1e-6 in every image preset), as HF's pooler does
         self.head = make_head(task, frontend.dim, num_outputs, dropout, encoder.cfg.norm_eps)
         self.frozen_encoder = False
@@ -97,7 +101,13 @@ class FineTuneModel(nn.Module):
             if channels is not None:
                 local = local.masked_fill(channels.unsqueeze(1), 0.0)
             x, padding = self.frontend.contextualize(local, padding, mask)
-            return self.encoder(x, padding).x, padding
+            return self.encoder(x, padding, self._alibi_bias(local.shape[1], x.device)).x, padding
+
+    def _alibi_bias(self, length: int, device: torch.device) -> Tensor | None:
+        if self.alibi is None:
+            return None
+        steps = torch.arange(length, device=device).unsqueeze(0)  # (1, T)
+        return self.alibi(steps, self.frontend.num_extra_tokens)  # (1, H, n + T, n + T)
 
     def pool(self, x: Tensor, padding_mask: Tensor | None) -> Tensor:
         """(B, T', D) -> (B, D): the task's summary of a sequence."""
