@@ -82,9 +82,12 @@ def test_hf_classification_model_imports_with_equal_logits(tmp_path: Path, capsy
     model, ft, cfg, labels, _ = load_finetuned(tmp_path / "run")
     model.eval()
     if "Audio" in cls_name:
-        # No padding: our positional conv zeroes padded frames before every layer, HF before
-        # the first only, so padded speech batches differ from HF by design (speech.py).
-        source, padding, hf_kwargs = torch.randn(2, 4000), None, {}
+        source = torch.randn(2, 4000)
+        padding = torch.zeros(2, 4000, dtype=torch.bool)
+        padding[1, 2500:] = True
+        source[padding] = 0.0  # what a padding collator gives HF
+        hf_kwargs = {"attention_mask": (~padding).long()}
+        assert cfg.model.frontend.pos_conv_padding == "input"  # HF's, for equal padded rows
     elif "Text" in cls_name:
         source = torch.randint(5, 100, (2, 12))
         source[1, 8:] = 1  # RoBERTa <pad>

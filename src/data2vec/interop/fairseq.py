@@ -182,7 +182,8 @@ def _audio_config(sd: dict[str, Tensor], mcfg: dict[str, Any], source: str) -> C
     fe.update(conv_spec=spec, extractor_mode="layer_norm" if mode == "layer_norm" else "group_norm",
               conv_bias="feature_extractor.conv_layers.0.0.bias" in sd,
               pos_conv_depth=pos_depth, pos_conv_width=pos_w.shape[-1] * pos_depth,
-              pos_conv_groups=dim // pos_w.shape[1], layer_norm_eps=FAIRSEQ_EPS)
+              pos_conv_groups=dim // pos_w.shape[1], layer_norm_eps=FAIRSEQ_EPS,
+              pos_conv_padding="input")
     if pos_w.shape[-1] < 3:
         raise CheckpointError(f"{source}: positional conv kernel {pos_w.shape[-1]} < 3")
     enc.update(depth=depth, dim=dim, num_heads=int(heads),

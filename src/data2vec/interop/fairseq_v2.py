@@ -228,7 +228,8 @@ def _frontend(data: dict[str, Any], sd: dict[str, Tensor], mod: dict[str, Any], 
                   extractor_mode="layer_norm" if mode == "layer_norm" else "group_norm",
                   conv_bias=f"{p}local_encoder.conv_layers.0.0.bias" in sd,
                   pos_conv_depth=depth, pos_conv_width=width,
-                  pos_conv_groups=pos_w.shape[0] // pos_w.shape[1], layer_norm_eps=1e-5)
+                  pos_conv_groups=pos_w.shape[0] // pos_w.shape[1], layer_norm_eps=1e-5,
+                  pos_conv_padding="none")
     elif modality == "IMAGE":
         patch = sd[f"{p}local_encoder.proj.weight"]  # (D, C, p, p)
         if not mod.get("fixed_positions", True):

@@ -308,7 +308,7 @@ def _speech_from_hf(hf: dict[str, Any], enc: dict, fe: dict, notes: list[str]) -
               extractor_mode="layer_norm", conv_bias=bool(hf.get("conv_bias", False)),
               pos_conv_depth=depth, pos_conv_width=kernel * depth,
               pos_conv_groups=int(hf["num_conv_pos_embedding_groups"]),
-              layer_norm_eps=float(hf["layer_norm_eps"]))
+              layer_norm_eps=float(hf["layer_norm_eps"]), pos_conv_padding="input")
     enc.update(layer_norm_first=False, input_norm=True, final_norm=False, qkv_bias="all",
                dropout=float(hf.get("hidden_dropout", 0.1)),
                attention_dropout=float(hf.get("attention_dropout", 0.1)),

@@ -62,6 +62,11 @@ class SpeechFrontEndConfig:
     """Groups of each positional conv (the model width must be divisible by it)."""
     layer_norm_eps: float = 1e-5
     """Epsilon of every LayerNorm / GroupNorm in the front-end."""
+    pos_conv_padding: Literal["every_layer", "input", "none"] = "every_layer"
+    """Where padded frames are zeroed for the positional conv: before each of its layers, so a
+    padded utterance gives the same output as the utterance alone ('every_layer', ours); once
+    before the first layer ('input': fairseq data2vec 1.0, HF); never ('none': fairseq 2.0).
+    Imported models take their source's, so padded batches match it too."""
 
     def __post_init__(self) -> None:
         parse_conv_spec(self.conv_spec)  # fail at load time, naming the spec
@@ -355,7 +360,8 @@ class PositionalConv(nn.Module):
                                     for _ in range(depth))
 
     def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
-        """(B, T, D) -> (B, T, D) positional signal; padded frames are zero in and out."""
+        """(B, T, D) -> (B, T, D) positional signal; padded frames are zero in and out
+        (without `padding_mask`: the plain conv stack, whatever the padded frames hold)."""
         if padding_mask is None:
             for layer in self.layers:
                 x = layer(x)
@@ -444,9 +450,11 @@ class SpeechFrontEnd(FrontEnd):
                 raise DataError(f"mask has shape {tuple(mask.shape)}, expected frames "
                                 f"{tuple(x.shape[:2])}")
             x = torch.where(mask.unsqueeze(-1), self.mask_emb.to(x.dtype), x)  # (B, T, D)
-        if padding_mask is not None:
+        mode = self.cfg.pos_conv_padding
+        if padding_mask is not None and mode != "none":
             x = x.masked_fill(padding_mask.unsqueeze(-1), 0.0)
-        return x + self.pos_conv(x, padding_mask), padding_mask
+        every_layer = padding_mask if mode == "every_layer" else None
+        return x + self.pos_conv(x, every_layer), padding_mask
 
     def init_weights(self) -> None:
         """Kaiming-normal feature convs, U[0, 1) mask embedding, PyTorch defaults elsewhere
