@@ -21,6 +21,7 @@ from torch import Tensor
 from data2vec.build import build_model
 from data2vec.config import Config, config_from_dict, to_dict
 from data2vec.errors import CheckpointError
+from data2vec.modalities.speech import SpeechFrontEndConfig, parse_conv_spec
 from data2vec.objective.data2vec import Data2Vec
 from data2vec.train.checkpoint import (
     STATE,
@@ -76,6 +77,19 @@ def take_linear(sd: dict[str, Tensor], src: str, out: dict[str, Tensor], dst: st
         out[f"{dst}.bias"] = take(sd, f"{src}.bias", source)
 
 
+def take_conv_feature_encoder(sd: dict[str, Tensor], prefix: str, out: dict[str, Tensor],
+                              fe: SpeechFrontEndConfig, source: str) -> None:
+    """fairseq's waveform conv stack (`prefix`.conv_layers.i: conv at .0, norm at .2 or .2.1)
+    to our frontend.feature_encoder.i; the same layout in data2vec 1.0 and 2.0."""
+    for i, _ in enumerate(parse_conv_spec(fe.conv_spec)):
+        src, dst = f"{prefix}.conv_layers.{i}", f"frontend.feature_encoder.{i}"
+        take_linear(sd, f"{src}.0", out, f"{dst}.conv", source, bias=fe.conv_bias)
+        if fe.extractor_mode == "layer_norm":
+            take_linear(sd, f"{src}.2.1", out, f"{dst}.norm", source)
+        elif i == 0:  # group_norm mode: one GroupNorm, in the first layer only
+            take_linear(sd, f"{src}.2", out, f"{dst}.norm", source)
+
+
 def fail_on_leftovers(sd: dict[str, Tensor], source: str) -> None:
     """Source keys no rule consumed are an error, listed, never dropped silently."""
     if sd:
@@ -83,4 +97,4 @@ def fail_on_leftovers(sd: dict[str, Tensor], source: str) -> None:
 
 
 __all__ = ["ImportReport", "check_keys", "fail_on_leftovers", "load_our_model", "take",
-           "take_linear", "write_checkpoint"]
+           "take_conv_feature_encoder", "take_linear", "write_checkpoint"]

@@ -38,6 +38,7 @@ from data2vec.interop.common import (
     check_keys,
     fail_on_leftovers,
     take,
+    take_conv_feature_encoder,
     take_linear,
     write_checkpoint,
 )
@@ -220,13 +221,7 @@ def _audio_encoder(sd: dict[str, Tensor], cfg: Config, src: str, dst: str,
 def _audio_student(sd: dict[str, Tensor], cfg: Config, source: str) -> dict[str, Tensor]:
     out: dict[str, Tensor] = {"frontend.mask_emb": take(sd, "mask_emb", source)}
     fe = cfg.model.frontend
-    for i, _ in enumerate(parse_conv_spec(fe.conv_spec)):
-        src, dst = f"feature_extractor.conv_layers.{i}", f"frontend.feature_encoder.{i}"
-        take_linear(sd, f"{src}.0", out, f"{dst}.conv", source, bias=fe.conv_bias)
-        if fe.extractor_mode == "layer_norm":
-            take_linear(sd, f"{src}.2.1", out, f"{dst}.norm", source)
-        elif i == 0:
-            take_linear(sd, f"{src}.2", out, f"{dst}.norm", source)
+    take_conv_feature_encoder(sd, "feature_extractor", out, fe, source)
     take_linear(sd, "layer_norm", out, "frontend.feature_norm", source)
     take_linear(sd, "post_extract_proj", out, "frontend.feature_proj", source)
     for i in range(fe.pos_conv_depth):

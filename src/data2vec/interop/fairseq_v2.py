@@ -25,7 +25,13 @@ from torch import Tensor
 
 from data2vec.config import Config, config_from_dict, load_config, to_dict
 from data2vec.errors import CheckpointError, ConfigError
-from data2vec.interop.common import ImportReport, fail_on_leftovers, take, take_linear
+from data2vec.interop.common import (
+    ImportReport,
+    fail_on_leftovers,
+    take,
+    take_conv_feature_encoder,
+    take_linear,
+)
 from data2vec.modalities.image import sincos_2d
 from data2vec.modalities.speech import parse_conv_spec
 
@@ -273,13 +279,7 @@ def _encoder(sd: dict[str, Tensor], p: str, blocks: str, dst: str, cfg: Config,
 def _speech_local(sd: dict[str, Tensor], p: str, cfg: Config, source: str) -> dict[str, Tensor]:
     fe = cfg.model.frontend
     out: dict[str, Tensor] = {}
-    for i, _ in enumerate(parse_conv_spec(fe.conv_spec)):
-        src, dst = f"{p}local_encoder.conv_layers.{i}", f"frontend.feature_encoder.{i}"
-        take_linear(sd, f"{src}.0", out, f"{dst}.conv", source, bias=fe.conv_bias)
-        if fe.extractor_mode == "layer_norm":
-            take_linear(sd, f"{src}.2.1", out, f"{dst}.norm", source)
-        elif i == 0:
-            take_linear(sd, f"{src}.2", out, f"{dst}.norm", source)
+    take_conv_feature_encoder(sd, f"{p}local_encoder", out, fe, source)
     take_linear(sd, f"{p}project_features.1", out, "frontend.feature_norm", source)
     take_linear(sd, f"{p}project_features.2", out, "frontend.feature_proj", source)
     return out
