@@ -379,7 +379,7 @@ class SpeechFrontEnd(FrontEnd):
 
     ``local_features``: conv feature encoder -> LayerNorm(C) -> Linear(C, D) (the "feature
     projection"), shared with the teacher. ``contextualize``: masked frames -> ``mask_emb``,
-    padded frames -> 0, then ``x + pos_conv(x)``.
+    padded frames -> 0 (where and whether: ``cfg.pos_conv_padding``), then ``x + pos_conv(x)``.
     """
 
     num_extra_tokens = 0
@@ -443,7 +443,8 @@ class SpeechFrontEnd(FrontEnd):
 
     def contextualize(self, features: Tensor, padding_mask: Tensor | None,
                       mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        """Masked frames -> mask_emb, padded frames -> 0, then add the conv positions."""
+        """Masked frames -> mask_emb, padded frames -> 0 (as `cfg.pos_conv_padding` says), then
+        add the conv positions."""
         x = features
         if mask is not None:
             if mask.shape != x.shape[:2]:
@@ -453,8 +454,8 @@ class SpeechFrontEnd(FrontEnd):
         mode = self.cfg.pos_conv_padding
         if padding_mask is not None and mode != "none":
             x = x.masked_fill(padding_mask.unsqueeze(-1), 0.0)
-        every_layer = padding_mask if mode == "every_layer" else None
-        return x + self.pos_conv(x, every_layer), padding_mask
+        per_layer_padding = padding_mask if mode == "every_layer" else None
+        return x + self.pos_conv(x, per_layer_padding), padding_mask
 
     def init_weights(self) -> None:
         """Kaiming-normal feature convs, U[0, 1) mask embedding, PyTorch defaults elsewhere
