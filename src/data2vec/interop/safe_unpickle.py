@@ -13,15 +13,22 @@ therefore runs ``torch.load`` with a restricted unpickler that admits only:
 
 Any other global (``os.system``, ``builtins.eval`` …) stops the load with a
 :class:`~data2vec.errors.CheckpointError` naming it.
+
+A zip archive is inspected *before* ``torch.load`` sees it, with torch's own zip reader: it may
+hold only what ``torch.save`` writes (``data.pkl``, ``data/<n>``, version records). ``torch.load``
+hands a TorchScript archive (``code/``, ``constants.pkl``) to ``torch.jit.load``, which runs the
+archive's code (its ``__setstate__``) before any unpickler is involved, so such an archive, or
+any zip with another record, is refused unread.
 """
 
 from __future__ import annotations
 
 import collections
 import pickle
+import re
 import types
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -107,14 +114,51 @@ _PICKLE_MODULE = types.SimpleNamespace(
 )
 
 
+# The records torch.save writes into its zip format (names as torch's reader gives them, without
+# the archive's top-level folder).
+_DATA_RECORD = re.compile(r"data\.pkl|byteorder|version|\.format_version|\.storage_alignment"
+                          r"|\.data/version|\.data/serialization_id|data/\d+")
+
+
+def check_archive_records(records: list[str], path: Path) -> None:
+    """Refuse a zip whose records are not all of those a ``torch.save`` data archive holds."""
+    foreign = sorted(r for r in records if not _DATA_RECORD.fullmatch(r))
+    if foreign:
+        kind = ("a TorchScript archive, which carries code"
+                if any(r == "constants.pkl" or r.startswith("code/") for r in foreign)
+                else "an archive with records torch.save does not write")
+        raise CheckpointError(f"{path}: {kind} ({', '.join(foreign[:3])}); refused without "
+                              "loading anything from it")
+    if "data.pkl" not in records:
+        raise CheckpointError(f"{path}: a zip archive without data.pkl, not a torch.save file")
+
+
+def refuse_code_archive(handle: BinaryIO, path: Path) -> None:
+    """If `handle` is a zip, check its records (as torch's own reader lists them) before any
+    loader sees it; the position of `handle` is left where it was."""
+    start = handle.tell()
+    try:
+        if torch.serialization._is_zipfile(handle):
+            handle.seek(start)
+            check_archive_records(list(torch._C.PyTorchFileReader(handle).get_all_records()),
+                                  path)
+    finally:
+        handle.seek(start)
+
+
 def load_checkpoint_file(path: str | Path) -> Any:
-    """``torch.load`` of `path` on CPU through :class:`RestrictedUnpickler` (no code execution)."""
+    """``torch.load`` of `path` on CPU through :class:`RestrictedUnpickler` (no code execution).
+
+    The file is opened once: the records checked are the records loaded.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no such checkpoint file: {path}")
     try:
-        return torch.load(path, map_location="cpu", pickle_module=_PICKLE_MODULE,
-                          weights_only=False)
+        with open(path, "rb") as handle:
+            refuse_code_archive(handle, path)
+            return torch.load(handle, map_location="cpu", pickle_module=_PICKLE_MODULE,
+                              weights_only=False)
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"{path}: refused to unpickle: {e}") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
@@ -142,4 +186,5 @@ def plain(obj: Any) -> Any:
     return obj
 
 
-__all__ = ["RestrictedUnpickler", "StandIn", "load_checkpoint_file", "plain"]
+__all__ = ["RestrictedUnpickler", "StandIn", "load_checkpoint_file", "plain",
+           "refuse_code_archive"]

@@ -12,7 +12,9 @@ half-written checkpoint behind; ``RUN/checkpoints/latest`` names the newest comp
 from __future__ import annotations
 
 import os
+import pickle
 import random
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -25,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from data2vec.errors import CheckpointError
+from data2vec.interop.safe_unpickle import refuse_code_archive
 
 WEIGHTS = "model.safetensors"
 STATE = "state.pt"
@@ -130,9 +133,20 @@ def load_state(ckpt: Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"missing {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with open(path, "rb") as handle:
+            refuse_code_archive(handle, path)  # TorchScript: refused with a clear message
+            return torch.load(handle, map_location="cpu", weights_only=True)
+    except CheckpointError:
+        raise
+    except pickle.UnpicklingError as e:  # torch's weights-only unpickler met a global
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        what = f"global '{found.group(1)}'" if found else "an object that is not plain data"
+        raise CheckpointError(f"{path}: refused to unpickle {what} (a checkpoint state holds "
+                              "only tensors and plain values); nothing of it was run") from None
     except Exception as e:  # torch raises several types for truncated zip archives
-        raise CheckpointError(f"cannot read {path} (truncated or corrupt?): {e}") from None
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot read {path} (truncated or corrupt?): {first_line}"
+                              ) from None
 
 
 def check_keys(converted: dict[str, torch.Tensor], expected: dict[str, torch.Tensor],

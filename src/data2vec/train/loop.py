@@ -94,8 +94,8 @@ class Trainer:
 
     def resume(self, checkpoint: Path) -> None:
         """Restore weights, optimizer, step, data position and RNG from `checkpoint`."""
+        state = ckpt.load_state(checkpoint)  # first: a bad state file stops before any weights
         ckpt.load_model_weights(unwrap(self.model), ckpt.load_weights(checkpoint), str(checkpoint))
-        state = ckpt.load_state(checkpoint)
         self.optimizer.load_state_dict(state["optimizer"])
         self.batches.load_state_dict(state["data"])
         self.step = int(state["step"])
