@@ -161,3 +161,81 @@ def test_collapse_alarm_logs_and_optionally_aborts(tmp_path: Path, caplog) -> No
                             abort_on_collapse=True)
     with pytest.raises(TrainingError, match="collapse at step 1"):
         aborting.run()
+
+
+# ------------------------------------------------------------- loss normalisation and padding
+
+
+def _padded_batches(k: int, seed: int = 0) -> list[Batch]:
+    """k micro-batches whose masks also cover padded positions (as v2 text masks may)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(k):
+        source = torch.randn(3, 12, 6, generator=g)
+        padding = torch.zeros(3, 12, dtype=torch.bool)
+        padding[1, 12 - 3 - 2 * i:] = True
+        padding[2, 5:] = True
+        mask = torch.rand(3, 12, generator=g) < 0.6
+        mask[2, 6:] = True  # masked *and* padding
+        out.append(Batch(source, padding, mask))
+    return out
+
+
+def _grads_at_step(trainer: Trainer, micro_batches: list[Batch]) -> tuple[dict, float]:
+    """Gradients the optimizer sees (after division, before clipping changes nothing: no clip)."""
+    seen: dict[str, torch.Tensor] = {}
+    step = trainer.optimizer.step
+
+    def record(*args, **kwargs):
+        seen.update({n: p.grad.clone() for n, p in trainer.model.named_parameters()
+                     if p.grad is not None})
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = record
+    result = trainer.train_step(micro_batches)
+    return seen, result.loss
+
+
+def _deterministic_trainer(run_dir: Path, grad_accum: int = 1) -> Trainer:
+    trainer = make_trainer(run_dir, grad_accum=grad_accum)
+    trainer.cfg.optim.clip_norm = 0.0
+    for m in trainer.model.modules():  # dropout and layer-drop off: passes must be comparable
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        if hasattr(m, "attention_dropout"):
+            m.attention_dropout = 0.0
+    trainer.model.encoder.cfg.layerdrop = 0.0
+    return trainer
+
+
+def test_loss_and_gradient_count_only_masked_positions_that_are_not_padding(
+        tmp_path: Path) -> None:
+    trainer = _deterministic_trainer(tmp_path)
+    batch = _padded_batches(1)[0]
+    reference = _deterministic_trainer(tmp_path / "ref").model
+    reference.load_state_dict(trainer.model.state_dict())
+    reference.train()
+    out = reference(batch)
+    counted = (batch.mask & ~batch.padding_mask).sum()
+    assert int(out.sample_size) == int(counted) < int(batch.mask.sum())
+    out.loss.backward()
+    grads, logged = _grads_at_step(trainer, [batch])
+    assert logged == pytest.approx(out.loss.item(), rel=1e-6)
+    for name, p in reference.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(grads[name], p.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_accumulating_k_micro_batches_equals_one_k_times_larger_batch(tmp_path: Path) -> None:
+    micro = _padded_batches(3, seed=1)
+    whole = Batch(torch.cat([b.source for b in micro]),
+                  torch.cat([b.padding_mask for b in micro]), torch.cat([b.mask for b in micro]))
+    accumulated = _deterministic_trainer(tmp_path / "k", grad_accum=3)
+    one = _deterministic_trainer(tmp_path / "one")
+    one.model.load_state_dict(accumulated.model.state_dict())
+    grads_k, loss_k = _grads_at_step(accumulated, micro)
+    grads_1, loss_1 = _grads_at_step(one, [whole])
+    assert loss_k == pytest.approx(loss_1, rel=1e-6)
+    assert grads_k.keys() == grads_1.keys() and grads_k
+    for name in grads_1:
+        torch.testing.assert_close(grads_k[name], grads_1[name], atol=1e-6, rtol=1e-5)

@@ -117,13 +117,14 @@ class Trainer:
     def train_step(self, micro_batches: list[Batch]) -> StepResult:
         """Forward/backward every micro-batch, clip, step, EMA update: one optimizer update.
 
-        The loss is normalised by the number of masked positions over all micro-batches and
-        ranks (DDP averages gradients over ranks, hence the world-size factor).
+        The loss is normalised by the number of positions that enter the loss (the model's
+        ``sample_size``: masked and not padding) over all micro-batches and ranks. That count is
+        known only after the forward passes, so each backward takes the plain loss sum and the
+        gradients are divided once at the end (DDP averages over ranks: the world-size factor).
         """
         self.model.train()
-        masked = all_reduce_sum(sum(b.mask.sum() for b in micro_batches).float())
-        scale = self.info.world_size / masked.clamp_min(1)
         loss_sum = torch.zeros((), device=self.info.device)
+        count = torch.zeros((), device=self.info.device)
         stats: dict[str, float] = {"target_std": 0.0, "pred_std": 0.0, "masked_fraction": 0.0}
         for i, batch in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
@@ -133,11 +134,16 @@ class Trainer:
                 with self._autocast():
                     out = self.model(batch)
                 self._check_finite(out.loss_sum)
-                (out.loss_sum * scale).backward()
+                (out.loss_sum * self.info.world_size).backward()
             loss_sum += out.loss_sum.detach()
+            count += out.sample_size.detach()
             for key in stats:
                 stats[key] += float(out.stats[key]) / len(micro_batches)
+        count = all_reduce_sum(count.float()).clamp_min(1)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        for p in params:
+            if p.grad is not None:
+                p.grad.div_(count)
         clip = self.cfg.optim.clip_norm if self.cfg.optim.clip_norm > 0 else math.inf
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
         lr = lr_at(self.step, self.cfg.optim, self.cfg.run.max_steps)
@@ -146,7 +152,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         tau = unwrap(self.model).ema_step(self.step)  # once per update, never per micro-batch
         self.step += 1
-        loss = float(all_reduce_sum(loss_sum) / masked.clamp_min(1))
+        loss = float(all_reduce_sum(loss_sum) / count)
         samples = sum(len(b) for b in micro_batches) * self.info.world_size
         return StepResult(loss, stats["target_std"], stats["pred_std"],
                           stats["masked_fraction"], tau, lr, grad_norm, samples)
