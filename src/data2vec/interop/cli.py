@@ -12,7 +12,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from data2vec.interop.hf import export_hf
 
     out = export_hf(args.source, args.out_dir)
-    print(f"wrote a HuggingFace model directory {out} (config.json + model.safetensors)")
+    files = " + ".join(sorted(p.name for p in out.iterdir() if p.is_file()))
+    print(f"wrote a HuggingFace model directory {out} ({files})")
     return 0
 
 
@@ -38,11 +39,14 @@ def cmd_import(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``export`` and ``import`` verbs to the top-level parser."""
     p = sub.add_parser("export", help="write a model in another library's format",
-                       description="Export a run or checkpoint (data2vec 1.0) as a HuggingFace "
-                                   "transformers Data2Vec{Audio,Vision,Text}Model directory.")
+                       description="Export a run or checkpoint as a HuggingFace transformers "
+                                   "directory: data2vec 1.0 as Data2Vec{Audio,Vision,Text}"
+                                   "Model (or its task model); data2vec 2.0 with its model code "
+                                   "in the directory (load with trust_remote_code=True).")
     p.add_argument("--to", required=True, choices=["hf"], help="target format")
     p.add_argument("source", type=Path, help="run directory or checkpoint directory")
-    p.add_argument("out_dir", type=Path, help="output directory (config.json + model.safetensors)")
+    p.add_argument("out_dir", type=Path, help="output directory (config.json + model.safetensors"
+                   " [+ the data2vec 2.0 model code])")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("import", help="build our checkpoint from HF or fairseq weights",

@@ -578,9 +578,14 @@ def export_hf(path: str | Path, out_dir: str | Path) -> Path:
 
     A pre-training checkpoint becomes the base model; a fine-tuned one (``data2vec finetune``)
     the matching task model, with ``vocab.json`` (CTC letters, blank = id 0) for speech recognition.
+    data2vec 2.0 models get their own model code in the directory (see :mod:`.hf_v2`).
     """
     ckpt = find_checkpoint(Path(path))
     state = load_state(ckpt)
+    if state.get("config", {}).get("version") == 2:  # no transformers class: ship our code
+        from data2vec.interop.hf_v2 import export_hf_v2
+
+        return export_hf_v2(ckpt, state, Path(out_dir))
     vocab = None
     if "finetune" in state:
         cfg, model, ft, labels = load_finetuned_model(ckpt, state)
