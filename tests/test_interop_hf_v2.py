@@ -383,3 +383,22 @@ def test_v2_export_refuses_what_the_remote_code_cannot_express(tmp_path: Path, c
         from data2vec.interop.hf_v2 import remote_config
 
         remote_config(cfg)
+
+
+def test_output_attentions_are_probabilities_that_ignore_padding() -> None:
+    from data2vec.interop.hf_v2 import build_hf_v2_model
+
+    cfg = load_config("text", "tiny", version=2)
+    model = build_model(cfg).eval()
+    _perturb(model, 6)
+    hf = build_hf_v2_model(cfg, model)
+    ids = _text_inputs(cfg.model.frontend.vocab_size, cfg.model.frontend.pad_index)
+    with torch.no_grad():
+        out = hf(ids, output_attentions=True)  # the explicit softmax path instead of SDPA
+        ours, _ = model.encode(ids)
+    assert float((out.last_hidden_state - ours.x).abs().max()) <= TOL
+    assert len(out.attentions) == cfg.model.encoder.depth
+    for probs in out.attentions:  # (B, H, L, L)
+        assert probs.shape == (3, cfg.model.encoder.num_heads, 20, 20)
+        assert torch.allclose(probs.sum(-1), torch.ones(()), atol=1e-6)
+        assert float(probs[1, :, :, 14:].abs().max()) == 0.0  # row 1's <pad> keys get nothing
