@@ -213,30 +213,38 @@ def write_remote_dir(hf: nn.Module, auto_class: str, out_dir: Path) -> Path:
     return out_dir
 
 
-def export_hf_v2(ckpt: Path, state: dict[str, Any], out_dir: Path) -> Path:
-    """Write the data2vec 2.0 checkpoint `ckpt` (its loaded ``state.pt`` is `state`) as a
-    remote-code HF directory: the base model, or the task model of a fine-tuned run."""
-    from data2vec.interop.common import load_our_model
-
-    if "config" not in state:
-        raise CheckpointError(f"{ckpt}: state.pt has no 'config' entry")
-    vocab = None
-    if "finetune" in state:
-        cfg, model, ft, labels = load_finetuned_v2(ckpt, state)
-        hf = build_hf_v2_task_model(cfg, model, ft, labels)
-        auto_class = TASK_CLASSES[ft["task"]][0]
-        vocab = labels.get("vocab")
+def export_v2_model(cfg: Config, model: nn.Module, out_dir: Path,
+                    ft: dict[str, Any] | None = None,
+                    labels: dict[str, Any] | None = None) -> Path:
+    """Write a data2vec 2.0 model as a remote-code HF directory: a Data2VecV2 `model` as the
+    base model, a fine-tuned FineTuneModel (with its task settings `ft` and `labels`) as the task
+    model, plus ``vocab.json`` for speech recognition."""
+    if ft is None:
+        hf, auto_class = build_hf_v2_model(cfg, model), "AutoModel"
     else:
-        cfg, model = load_our_model(ckpt)
-        hf = build_hf_v2_model(cfg, model)
-        auto_class = "AutoModel"
+        hf = build_hf_v2_task_model(cfg, model, ft, labels or {})
+        auto_class = TASK_CLASSES[ft["task"]][0]
     write_remote_dir(hf, auto_class, Path(out_dir))
-    if vocab is not None:
+    vocab = (labels or {}).get("vocab")
+    if ft is not None and vocab is not None:
         (Path(out_dir) / "vocab.json").write_text(
             json.dumps({s: i for i, s in enumerate(vocab)}, indent=1) + "\n")
     return Path(out_dir)
 
 
+def export_hf_v2(ckpt: Path, state: dict[str, Any], out_dir: Path) -> Path:
+    """:func:`export_v2_model` of the checkpoint `ckpt`, whose loaded ``state.pt`` is `state`."""
+    from data2vec.interop.common import load_our_model
+
+    if "config" not in state:
+        raise CheckpointError(f"{ckpt}: state.pt has no 'config' entry")
+    if "finetune" in state:
+        cfg, model, ft, labels = load_finetuned_v2(ckpt, state)
+        return export_v2_model(cfg, model, out_dir, ft, labels)
+    cfg, model = load_our_model(ckpt)
+    return export_v2_model(cfg, model, out_dir)
+
+
 __all__ = ["BASE_CLASSES", "NOT_EXPORTED", "TASK_CLASSES", "build_hf_v2_model",
-           "build_hf_v2_task_model", "export_hf_v2", "exported_tensors", "remote_config",
-           "task_config"]
+           "build_hf_v2_task_model", "export_hf_v2", "export_v2_model", "exported_tensors",
+           "remote_config", "task_config"]
