@@ -402,3 +402,22 @@ def test_output_attentions_are_probabilities_that_ignore_padding() -> None:
         assert probs.shape == (3, cfg.model.encoder.num_heads, 20, 20)
         assert torch.allclose(probs.sum(-1), torch.ones(()), atol=1e-6)
         assert float(probs[1, :, :, 14:].abs().max()) == 0.0  # row 1's <pad> keys get nothing
+
+
+def test_exported_task_model_trains_in_hf(tmp_path: Path) -> None:
+    """Train mode (dropout, layer drop, drop-path on) gives a finite loss and gradients reach
+    the waveform projection, the ALiBi scales and the head."""
+    cfg, model = _finetuned_model(tmp_path, "asr", 40)
+    ft = {"task": "asr", "pooling": "mean", "dropout": 0.1}
+    hf = build_hf_v2_task_model(cfg, model, ft, TASKS["asr"][2])
+    hf.data2vec2.encoder.layerdrop = 0.25
+    hf.train()
+    wave, padding = _speech_inputs()
+    labels = torch.tensor([[2, 3, 3, 4], [4, 2, -100, -100], [3, -100, -100, -100]])
+    loss = hf(wave, attention_mask=(~padding).long(), labels=labels).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    params = dict(hf.named_parameters())
+    for name in ("data2vec2.frontend.feature_proj.weight", "data2vec2.alibi.alibi_scale",
+                 "head.1.weight"):
+        assert params[name].grad is not None and float(params[name].grad.abs().sum()) > 0, name
