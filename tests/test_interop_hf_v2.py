@@ -29,7 +29,12 @@ from data2vec.errors import ConfigError
 from data2vec.finetune.models import FineTuneModel
 from data2vec.interop.common import ImportReport, load_our_model, write_checkpoint
 from data2vec.interop.fairseq import import_fairseq
-from data2vec.interop.hf_v2 import REMOTE_DIR, REMOTE_FILES, build_hf_v2_task_model
+from data2vec.interop.hf_v2 import (
+    REMOTE_DIR,
+    REMOTE_FILES,
+    build_hf_v2_task_model,
+    task_config,
+)
 from data2vec.nn.transformer import TransformerEncoder
 from data2vec.objective.data2vec2 import AlibiBias
 from data2vec.train.checkpoint import save_checkpoint
@@ -308,6 +313,9 @@ def test_export_directory_contents(exports: Exports) -> None:
     assert vocab == {s: i for i, s in enumerate(TASKS["asr"][2]["vocab"])}
     assert json.loads((exports.root / "hf-text-reg" / "config.json").read_text())[
         "problem_type"] == "regression"
+    cfg = load_config("image", "tiny", version=2)  # fine-tuning's drop-path rate travels along
+    assert task_config(cfg, "image-cls", {"drop_path": 0.2}, {}, 3)["drop_path"] == 0.2
+    assert "drop_path" not in task_config(cfg, "image-cls", {"drop_path": -1.0}, {}, 3)
     for file in REMOTE_FILES:  # shipped verbatim
         assert (exports.root / "hf-image" / file).read_bytes() == (REMOTE_DIR / file).read_bytes()
     # the weights are our student's tensors under our names; teacher and decoder stay behind

@@ -102,10 +102,14 @@ def task_config(cfg: Config, task: str, ft: dict[str, Any], labels: dict[str, An
                 num_outputs: int) -> dict[str, Any]:
     """The head's entries of ``Data2Vec2Config`` for a fine-tuned `task`."""
     dropout = float(ft.get("dropout", 0.0))
+    # fine-tuning's own drop-path rate (-1 = the pre-training one), for training on in HF
+    drop_path = {"drop_path": float(ft["drop_path"])} if ft.get("drop_path", -1) >= 0 else {}
     if task == "asr":  # the CTC blank is our id 0; HF models read it from pad_token_id
-        return {"vocab_size": num_outputs, "pad_token_id": 0, "classifier_dropout": dropout}
+        return {"vocab_size": num_outputs, "pad_token_id": 0, "classifier_dropout": dropout,
+                **drop_path}
     classes = [str(c) for c in labels.get("classes", [])]
-    extra: dict[str, Any] = {"num_labels": num_outputs, "classifier_dropout": dropout}
+    extra: dict[str, Any] = {"num_labels": num_outputs, "classifier_dropout": dropout,
+                             **drop_path}
     if classes:
         extra["id2label"] = dict(enumerate(classes))
         extra["label2id"] = {c: i for i, c in enumerate(classes)}
