@@ -117,7 +117,7 @@ def task_config(cfg: Config, task: str, ft: dict[str, Any], labels: dict[str, An
         extra["problem_type"] = "multi_label_classification"
     elif task == "text-cls" and num_outputs == 1 and not classes:
         extra["problem_type"] = "regression"
-    else:
+    elif num_outputs > 1:  # (transformers refuses single-label classification with one label)
         extra["problem_type"] = "single_label_classification"
     if task == "image-cls":
         extra.update(pooling=ft.get("pooling", "mean"),
