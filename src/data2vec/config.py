@@ -7,8 +7,9 @@ against these dataclasses.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+import math
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -171,6 +172,12 @@ class RunConfig:
     progress: bool = True
     threads: int = 0
     """torch intra-op threads; 0 = torch's default."""
+    nonfinite: Literal["skip", "stop"] = "skip"
+    """A non-finite loss or gradient is caught before the optimizer applies it: 'skip' drops that
+    update (the batch is consumed, the step counter stays), 'stop' ends the run with a checkpoint
+    of the last finite update."""
+    max_consecutive_skips: int = 5
+    """With nonfinite=skip: stop after this many non-finite updates in a row."""
 
 
 @dataclass
@@ -205,7 +212,7 @@ def load_config(modality: str, size: str = "tiny", version: int = 1,
     if config_file:
         data = merge(data, load_yaml(config_file))
     if overrides:
-        data = merge(data, parse_overrides(overrides))
+        data = merge(data, parse_overrides(overrides, Config, {"modality": modality}))
     data.setdefault("modality", modality)
     data.setdefault("version", version)
     data.setdefault("preset", f"{modality}_v{version}_{size}")
@@ -222,7 +229,8 @@ def config_from_dict(data: Mapping[str, Any]) -> Config:
 
 
 def validate(cfg: Config) -> None:
-    """Cross-field checks the types cannot express."""
+    """Every field's range (see :data:`RULES`), every float finite, then cross-field checks."""
+    _check_ranges(cfg)
     enc, obj = cfg.model.encoder, cfg.model.objective
     if enc.dim % enc.num_heads:
         raise ConfigError(f"model.encoder.dim={enc.dim} is not divisible by "
@@ -238,10 +246,151 @@ def validate(cfg: Config) -> None:
         _validate_v2(cfg)
     elif obj.ema_scope == "context":
         raise ConfigError("model.objective.ema_scope='context' is data2vec 2.0 only (version 2)")
-    if cfg.optim.grad_accum < 1:
-        raise ConfigError("optim.grad_accum must be >= 1")
-    if cfg.run.max_steps < 1:
-        raise ConfigError("run.max_steps must be >= 1")
+    _validate_pairs(cfg)
+
+
+# --------------------------------------------------------------------------- per-field ranges --
+
+Check = Callable[[Any], bool]
+
+
+def _rule(check: Check, expected: str) -> tuple[Check, str]:
+    return check, expected
+
+
+def _at_least(low: float) -> tuple[Check, str]:
+    return _rule(lambda v: v >= low, f">= {low}")
+
+
+def _positive() -> tuple[Check, str]:
+    return _rule(lambda v: v > 0, "> 0")
+
+
+def _fraction(upper_open: bool = False, lower_open: bool = False) -> tuple[Check, str]:
+    lo, hi = "(" if lower_open else "[", ")" if upper_open else "]"
+    return _rule(lambda v: (v > 0 if lower_open else v >= 0) and (v < 1 if upper_open else v <= 1),
+                 f"in {lo}0, 1{hi}")
+
+
+def _optional(rule: tuple[Check, str]) -> tuple[Check, str]:
+    check, expected = rule
+    return _rule(lambda v: v is None or check(v), f"null or {expected}")
+
+
+_DROPOUT = _fraction(upper_open=True)
+RULES: dict[str, tuple[Check, str]] = {
+    # model.encoder
+    "model.encoder.depth": _at_least(1), "model.encoder.dim": _at_least(1),
+    "model.encoder.num_heads": _at_least(1), "model.encoder.ffn_dim": _at_least(1),
+    "model.encoder.dropout": _DROPOUT, "model.encoder.attention_dropout": _DROPOUT,
+    "model.encoder.activation_dropout": _DROPOUT, "model.encoder.layerdrop": _DROPOUT,
+    "model.encoder.drop_path": _DROPOUT, "model.encoder.layer_scale_init": _at_least(0),
+    "model.encoder.norm_eps": _positive(),
+    # model.objective
+    "model.objective.loss_beta": _at_least(0),
+    "model.objective.loss_scale": _optional(_positive()),
+    "model.objective.head_layers": _rule(lambda v: v in (1, 2), "1 or 2"),
+    "model.objective.ema_start": _fraction(), "model.objective.ema_end": _fraction(),
+    "model.objective.ema_anneal_steps": _at_least(0), "model.objective.init_std": _positive(),
+    # model.frontend (whichever keys the modality has)
+    "model.frontend.layer_norm_eps": _positive(), "model.frontend.image_size": _at_least(1),
+    "model.frontend.patch_size": _at_least(1),
+    "model.frontend.in_channels": _rule(lambda v: v in (1, 3), "1 (grey) or 3 (RGB)"),
+    "model.frontend.vocab_size": _at_least(1),
+    # model.masking (whichever keys the modality has)
+    "model.masking.mask_ratio": _fraction(), "model.masking.min_block": _at_least(1),
+    "model.masking.max_block": _optional(_at_least(1)), "model.masking.min_aspect": _positive(),
+    "model.masking.max_aspect": _optional(_positive()),
+    # model.v2
+    "model.v2.clone_batch": _at_least(1), "model.v2.mask_noise_std": _at_least(0),
+    "model.v2.decoder_dim": _at_least(1), "model.v2.decoder_layers": _at_least(1),
+    "model.v2.decoder_kernel": _at_least(1), "model.v2.decoder_groups": _at_least(1),
+    "model.v2.decoder_projection_layers": _at_least(1),
+    "model.v2.decoder_input_dropout": _DROPOUT, "model.v2.prenet_depth": _at_least(0),
+    "model.v2.cls_loss": _at_least(0), "model.v2.mask_prob": _fraction(True, True),
+    "model.v2.mask_length": _at_least(1), "model.v2.mask_prob_adjust": _at_least(0),
+    # data
+    "data.batch_size": _at_least(0), "data.max_tokens": _at_least(0),
+    "data.max_sample_size": _at_least(0), "data.min_sample_size": _at_least(0),
+    "data.sample_rate": _at_least(1), "data.tokens_per_sample": _at_least(3),
+    "data.vocab_size": _at_least(262), "data.num_workers": _at_least(0),
+    # optim
+    "optim.lr": _positive(), "optim.eps": _positive(), "optim.weight_decay": _at_least(0),
+    "optim.warmup_steps": _at_least(0), "optim.warmup_fraction": _fraction(),
+    "optim.init_lr_scale": _fraction(lower_open=True),
+    "optim.final_lr_scale": _fraction(lower_open=True), "optim.min_lr": _at_least(0),
+    "optim.clip_norm": _at_least(0), "optim.grad_accum": _at_least(1),
+    # run
+    "run.max_steps": _at_least(1), "run.stop_at": _at_least(0),
+    "run.log_every": _at_least(1), "run.checkpoint_every": _at_least(1),
+    "run.keep_last": _at_least(0), "run.collapse_min_target_std": _at_least(0),
+    "run.collapse_min_pred_std": _at_least(0), "run.collapse_after_steps": _at_least(0),
+    "run.threads": _at_least(0), "run.max_consecutive_skips": _at_least(1),
+}
+"""Range of every numeric field, by dotted key: (check, what was expected)."""
+
+
+def _leaves(obj: Any, prefix: str) -> Iterator[tuple[str, Any]]:
+    """(dotted key, value) of every non-dataclass field under `obj`, tuples item by item."""
+    for f in fields(obj):
+        key, value = f"{prefix}{f.name}", getattr(obj, f.name)
+        if is_dataclass(value):
+            yield from _leaves(value, key + ".")
+        elif isinstance(value, tuple | list):
+            for i, item in enumerate(value):
+                yield f"{key}[{i}]", item
+        else:
+            yield key, value
+
+
+def _check_ranges(cfg: Config) -> None:
+    """No NaN or infinity anywhere; every key in :data:`RULES` within its range."""
+    for key, value in _leaves(cfg, ""):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"config key '{key}': {value} is not a finite number")
+        rule = RULES.get(key)
+        if rule is not None and not rule[0](value):
+            raise ConfigError(f"config key '{key}': {value!r} is out of range, expected "
+                              f"{rule[1]}")
+
+
+def _validate_pairs(cfg: Config) -> None:
+    """Ranges that involve two or more fields."""
+    data, optim = cfg.data, cfg.optim
+    if cfg.modality == "speech" and data.batch_size < 1 and data.max_tokens < 1:
+        raise ConfigError("data.batch_size and data.max_tokens are both 0: set one of them >= 1")
+    if cfg.modality != "speech" and data.batch_size < 1:
+        raise ConfigError(f"config key 'data.batch_size': {data.batch_size} is out of range, "
+                          "expected >= 1")
+    if 0 < data.max_sample_size < data.min_sample_size:
+        raise ConfigError(f"data.min_sample_size={data.min_sample_size} exceeds "
+                          f"data.max_sample_size={data.max_sample_size}: every utterance would "
+                          "be dropped")
+    low, high = data.crop_scale
+    if not 0 < low <= high <= 1:
+        raise ConfigError(f"config key 'data.crop_scale': {list(data.crop_scale)} is out of "
+                          "range, expected 0 < low <= high <= 1")
+    for i, beta in enumerate(optim.betas):
+        if not 0 <= beta < 1:
+            raise ConfigError(f"config key 'optim.betas[{i}]': {beta} is out of range, expected "
+                              "in [0, 1)")
+    if any(f < 0 for f in optim.tri_stage) or sum(optim.tri_stage) > 1 + 1e-6:
+        raise ConfigError(f"config key 'optim.tri_stage': {list(optim.tri_stage)} must be three "
+                          "non-negative fractions of run.max_steps summing to at most 1")
+    if optim.min_lr > optim.lr:
+        raise ConfigError(f"optim.min_lr={optim.min_lr} exceeds optim.lr={optim.lr}")
+    if cfg.modality == "image":
+        frontend = cfg.model.frontend
+        if frontend.image_size % frontend.patch_size:
+            raise ConfigError(f"model.frontend.image_size={frontend.image_size} is not a "
+                              f"multiple of model.frontend.patch_size={frontend.patch_size}")
+        masking = cfg.model.masking
+        if masking.max_block is not None and masking.max_block < masking.min_block:
+            raise ConfigError(f"model.masking.max_block={masking.max_block} is below "
+                              f"model.masking.min_block={masking.min_block}")
+        if masking.max_aspect is not None and masking.max_aspect < masking.min_aspect:
+            raise ConfigError(f"model.masking.max_aspect={masking.max_aspect} is below "
+                              f"model.masking.min_aspect={masking.min_aspect}")
 
 
 def _validate_v2(cfg: Config) -> None:
@@ -254,15 +403,9 @@ def _validate_v2(cfg: Config) -> None:
         raise ConfigError(f"model.objective.top_k={obj.top_k} would reach the prenet: at most "
                           f"{enc.depth - v2.prenet_depth} (model.encoder.depth - "
                           "model.v2.prenet_depth)")
-    if v2.clone_batch < 1:
-        raise ConfigError(f"model.v2.clone_batch={v2.clone_batch} must be >= 1")
-    if not 0.0 < v2.mask_prob < 1.0:
-        raise ConfigError(f"model.v2.mask_prob={v2.mask_prob} must be in (0, 1)")
-    if v2.mask_length < 1:
-        raise ConfigError(f"model.v2.mask_length={v2.mask_length} must be >= 1")
-    if v2.decoder_layers < 1 or v2.decoder_dim < 1 or v2.decoder_dim % v2.decoder_groups:
-        raise ConfigError(f"model.v2.decoder_dim={v2.decoder_dim} must be >= 1 and divisible by "
-                          f"decoder_groups={v2.decoder_groups}; decoder_layers >= 1")
+    if v2.decoder_dim % v2.decoder_groups:
+        raise ConfigError(f"model.v2.decoder_dim={v2.decoder_dim} is not divisible by "
+                          f"model.v2.decoder_groups={v2.decoder_groups}")
 
 
 __all__ = ["Config", "DataConfig", "ModelConfig", "OptimConfig", "RunConfig", "V2Config",

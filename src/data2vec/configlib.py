@@ -18,6 +18,7 @@ from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 import yaml
 
 from data2vec.errors import ConfigError
+from data2vec.files import read_text
 
 T = TypeVar("T")
 
@@ -157,14 +158,15 @@ def merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping; a missing file or a non-mapping is an error naming the file."""
+    """Read a YAML mapping; a missing, undecodable or malformed file is an error naming it."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
+    text = read_text(path, ConfigError, "YAML config file")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raise ConfigError(f"{path}: not valid YAML: {_one_line(e)}") from None
     if data is None:
         return {}
     if not isinstance(data, Mapping):
@@ -172,8 +174,35 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return dict(data)
 
 
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``["model.encoder.depth=6", "optim.lr=1e-3"]`` -> nested dict (values read as YAML)."""
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
+
+
+def field_type(schema: type, keys: list[str], root: Mapping[str, Any]) -> Any:
+    """The annotated type of the dotted field `keys` in dataclass `schema`, or None if unknown."""
+    tp: Any = schema
+    for key in keys:
+        if not dataclasses.is_dataclass(tp):
+            return None
+        by_name = {f.name: f for f in dataclasses.fields(tp)}
+        if key not in by_name:
+            return None
+        resolver = by_name[key].metadata.get("resolve")
+        try:
+            tp = resolver({}, root) if resolver else get_type_hints(tp)[key]
+        except ConfigError:
+            return None
+    return tp
+
+
+def parse_overrides(items: list[str], schema: type | None = None,
+                    root: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``["model.encoder.depth=6", "optim.lr=1e-3"]`` -> nested dict (values read as YAML).
+
+    With `schema` (a config dataclass), a value for a ``str`` field is taken literally, never
+    parsed as YAML: ``data.path=ok #2`` is the folder ``ok #2`` and ``data.path=2024`` the
+    folder ``2024``. `root` holds what resolves modality-dependent sections (``modality``).
+    """
     out: dict[str, Any] = {}
     for item in items:
         if "=" not in item:
@@ -182,13 +211,10 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         keys = path.strip().split(".")
         if not all(keys):
             raise ConfigError(f"override '{item}': empty key in '{path}'")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
-        if isinstance(value, str):
-            with contextlib.suppress(ValueError):  # YAML 1.1 reads "1e-3" (no dot) as a string
-                value = float(value)
+        if schema is not None and field_type(schema, keys, root or {}) is str:
+            value: Any = raw
+        else:
+            value = _yaml_value(raw)
         node = out
         for key in keys[:-1]:
             node = node.setdefault(key, {})
@@ -196,3 +222,14 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
                 raise ConfigError(f"override '{item}': '{key}' is set twice")
         node[keys[-1]] = value
     return out
+
+
+def _yaml_value(raw: str) -> Any:
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            value = float(value)
+    return value
