@@ -6,8 +6,12 @@ import argparse
 import re
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from data2vec.errors import Data2VecError
+
+if TYPE_CHECKING:
+    from data2vec.config import Config
 
 DEFAULT_RUNS = Path("runs")
 OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
@@ -22,6 +26,8 @@ def _pretrain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, help="run directory (default runs/<modality>-v<V>-<preset>)")
     p.add_argument("--max-steps", type=int, help="optimizer updates (run.max_steps)")
     p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --out (default: refuse to touch it)")
     p.add_argument("--init", type=Path,
                    help="start from this checkpoint's weights and architecture "
                    "(e.g. one written by `data2vec import`)")
@@ -30,38 +36,85 @@ def _pretrain_args(p: argparse.ArgumentParser) -> None:
                    help="dotted config overrides, e.g. model.encoder.depth=6 optim.lr=1e-3")
 
 
+def _given(overrides: list[str], key: str) -> bool:
+    return any(o.split("=", 1)[0].strip() == key for o in overrides)
+
+
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from data2vec.config import load_config
+    from data2vec.config import load_config, validate
     from data2vec.train.pretrain import pretrain, saved_config
 
     overrides = list(args.overrides)
-    if args.data:
-        overrides.append(f"data.path={args.data}")
     if args.max_steps is not None:
         overrides.append(f"run.max_steps={args.max_steps}")
     if args.skip_bad:
         overrides.append("data.skip_bad=true")
     out = args.out or DEFAULT_RUNS / f"{args.modality}-v{args.version}-{args.preset}"
     cfg = load_config(args.modality, args.preset, args.version, args.config, overrides)
+    if args.data is not None:  # a path, taken literally (never parsed as YAML)
+        cfg.data.path = str(args.data)
+        overrides.append("data.path=")  # marks it as given (a resumed run takes it)
     if args.init and not args.resume:
         from data2vec.train.pretrain import init_config
 
         cfg = init_config(cfg, args.init)
     if args.resume:
-        saved = saved_config(out)
-        if saved is not None:  # a resumed run keeps its config; only its length may change
-            saved.run.max_steps, saved.run.stop_at = cfg.run.max_steps, cfg.run.stop_at
-            cfg = saved
+        cfg = _resumed_config(cfg, saved_config(out), out, overrides)
+    validate(cfg)
     if cfg.version == 2:
         try:
             import data2vec.objective.data2vec2  # noqa: F401
         except ModuleNotFoundError:
             raise Data2VecError("data2vec 2.0 (--version 2) is not yet available") from None
-    last = pretrain(cfg, out, resume=args.resume, init=None if args.resume else args.init)
+    last = pretrain(cfg, out, resume=args.resume, init=None if args.resume else args.init,
+                    overwrite=args.overwrite)
+    signum = last.pop("stopped_by_signal", None) if last else None
+    if signum is not None:
+        return _stopped(int(signum), int(last["step"]), out, cfg)
     if last:
         print(f"done: step {last['step']:.0f}, loss {last['loss']:.4f}, "
               f"target std {last['target_std']:.3f}; run directory {out}")
     return 0
+
+
+RESUME_SETTINGS = ("run.max_steps", "run.threads", "run.progress", "run.tensorboard",
+                   "run.device", "run.log_every", "run.checkpoint_every", "run.keep_last",
+                   "run.nonfinite", "run.max_consecutive_skips", "data.num_workers",
+                   "data.skip_bad", "data.path", "optim.lr", "optim.clip_norm")
+"""What a resumed run may change on its command line; everything else comes from the run."""
+
+
+def _resumed_config(cfg: Config, saved: Config | None, out: Path,
+                    overrides: list[str]) -> Config:
+    """A resumed run keeps its saved config; the keys of :data:`RESUME_SETTINGS` given on the
+    command line replace the saved ones (``run.stop_at`` applies to this invocation only)."""
+    if saved is None:
+        return cfg
+    if (saved.modality, saved.version) != (cfg.modality, cfg.version):
+        raise Data2VecError(f"{out / 'config.yaml'}: the run is {saved.modality} "
+                            f"v{saved.version}, not {cfg.modality} v{cfg.version}; resume it with "
+                            f"--modality {saved.modality} --version {saved.version}")
+    for key in RESUME_SETTINGS:
+        if _given(overrides, key):
+            section, name = key.split(".")
+            setattr(getattr(saved, section), name, getattr(getattr(cfg, section), name))
+    saved.run.stop_at = cfg.run.stop_at if _given(overrides, "run.stop_at") else 0
+    return saved
+
+
+def _stopped(signum: int, step: int, out: Path, cfg: Config) -> int:
+    """SIGTERM / SIGINT ended the run after a checkpoint: say where, and how to continue."""
+    import signal
+
+    from data2vec.train.checkpoint import latest_checkpoint
+
+    name = signal.Signals(signum).name
+    version = f" --version {cfg.version}" if cfg.version != 1 else ""
+    where = latest_checkpoint(out / "checkpoints")
+    print(f"stopped by {name} after step {step}: checkpoint {where}; continue with: "
+          f"data2vec pretrain --modality {cfg.modality}{version} --out {out} --resume",
+          file=sys.stderr)
+    return 130 if signum == signal.SIGINT else 0
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
@@ -150,6 +203,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("data2vec: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # a file or disk problem outside our checks: still one line
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"data2vec: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

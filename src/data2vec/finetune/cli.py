@@ -40,6 +40,8 @@ def _finetune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float)
     p.add_argument("--seed", type=int)
     p.add_argument("--out", type=Path, help="run directory (default runs/finetune-<task>)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the fine-tuning run already in --out (default: refuse)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="fine-tuning settings (lr=1e-4 mask_prob=0.5) or model.* config keys")
 
@@ -47,6 +49,7 @@ def _finetune_args(p: argparse.ArgumentParser) -> None:
 def cmd_finetune(args: argparse.Namespace) -> int:
     """Fine-tune and print the validation metrics."""
     from data2vec.finetune.loop import finetune, finetune_config
+    from data2vec.train.rundir import RunLock, check_run_dir, clear_run
 
     model_overrides = [o for o in args.overrides if o.startswith("model.")]
     settings = [o for o in args.overrides if not o.startswith("model.")]
@@ -60,7 +63,11 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     values = {**TASK_DEFAULTS[args.task], **{k: v for k, v in given.items() if v is not None}}
     ft = finetune_config(args.task, settings, **values)
     out = args.out or Path("runs") / f"finetune-{args.task}"
-    result = finetune(ft, out, model_overrides)
+    check_run_dir(out, resume=False, overwrite=args.overwrite)
+    with RunLock(out):
+        if args.overwrite:
+            clear_run(out)
+        result = finetune(ft, out, model_overrides)
     print(json.dumps({k: round(v, 4) for k, v in result.items()}))
     print(f"run directory {out}")
     return 0

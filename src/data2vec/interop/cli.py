@@ -5,12 +5,23 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from data2vec.errors import Data2VecError
 from data2vec.interop.common import ImportReport
+
+
+def refuse_to_replace(out: Path, overwrite: bool, option: str) -> None:
+    """An output directory that already holds something is replaced only on request."""
+    if out.exists() and not out.is_dir():
+        raise Data2VecError(f"{option} {out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise Data2VecError(f"{option} {out}: the directory is not empty; choose a new one, or "
+                            "pass --overwrite to replace what is there")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from data2vec.interop.hf import export_hf
 
+    refuse_to_replace(args.out_dir, args.overwrite, "export to")
     out = export_hf(args.source, args.out_dir)
     files = " + ".join(sorted(p.name for p in out.iterdir() if p.is_file()))
     print(f"wrote a HuggingFace model directory {out} ({files})")
@@ -24,6 +35,7 @@ def _print_report(out: Path, report: ImportReport) -> None:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
+    refuse_to_replace(args.out, args.overwrite, "--out")
     if args.from_ == "hf":
         from data2vec.interop.hf import import_hf
 
@@ -47,6 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("source", type=Path, help="run directory or checkpoint directory")
     p.add_argument("out_dir", type=Path, help="output directory (config.json + model.safetensors"
                    " [+ the data2vec 2.0 model code])")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty out_dir")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("import", help="build our checkpoint from HF or fairseq weights",
@@ -58,6 +71,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("source", help="HF directory or cached hub id, or a fairseq .pt file")
     p.add_argument("--out", required=True, type=Path,
                    help="checkpoint directory to write (model.safetensors + state.pt)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.set_defaults(func=cmd_import)
 
 

@@ -11,6 +11,7 @@ half-written checkpoint behind; ``RUN/checkpoints/latest`` names the newest comp
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import random
@@ -53,52 +54,167 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
     os.replace(tmp, path)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a written file (or a directory entry) to disk before it is renamed into place."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on directories; the data is still written
+        pass
+    finally:
+        os.close(fd)
+
+
+def nonfinite_tensors(tree: Any, prefix: str = "") -> list[str]:
+    """Names of the floating-point tensors in a nested dict / list holding NaN or infinity."""
+    if isinstance(tree, torch.Tensor):
+        if tree.is_floating_point() and not bool(torch.isfinite(tree).all()):
+            return [prefix or "<tensor>"]
+        return []
+    if isinstance(tree, dict):
+        items: Any = tree.items()
+    elif isinstance(tree, list | tuple):
+        items = enumerate(tree)
+    else:
+        return []
+    return [name for key, value in items
+            for name in nonfinite_tensors(value, f"{prefix}.{key}" if prefix else str(key))]
+
+
+def _disk_message(error: OSError) -> str:
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "no space left on the device (free some space, then --resume)"
+    return error.strerror or str(error)
 
 
 def write_checkpoint_dir(final: Path, model: nn.Module, state: dict[str, Any]) -> Path:
     """Write one checkpoint directory (weights + state) under a temporary name, then rename it
-    into place, so a killed process never leaves a half-written checkpoint."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    into place, so a killed process never leaves a half-written checkpoint.
+
+    Refused (CheckpointError, nothing written) when a weight or a state tensor is NaN or
+    infinite; a failed write (full disk, ...) removes the temporary directory and leaves every
+    earlier checkpoint as it was.
+    """
+    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    bad = nonfinite_tensors(weights) + nonfinite_tensors(state, "state")
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise CheckpointError(f"refused to write {final}: non-finite values in "
+                              f"{', '.join(bad[:3])}{more}")
+    tmp: Path | None = None
     try:
-        weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(weights, tmp / WEIGHTS)
-        torch.save(state, tmp / STATE)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; a checkpoint is not
+        _save_weights(weights, tmp / WEIGHTS)
+        _save_state(state, tmp / STATE)
+        for name in (WEIGHTS, STATE):
+            _fsync(tmp / name)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+        _fsync(final.parent)
+    except OSError as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"cannot write checkpoint {final}: {_disk_message(e)}; earlier "
+                              "checkpoints are untouched") from None
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _save_weights(weights: dict[str, torch.Tensor], path: Path) -> None:
+    try:
+        save_file(weights, path)
+    except SafetensorError as e:  # the Rust writer reports I/O errors as its own type
+        raise OSError(_errno_of(str(e)), str(e), str(path)) from None
+
+
+def _save_state(state: dict[str, Any], path: Path) -> None:
+    try:
+        torch.save(state, path)
+    except RuntimeError as e:  # torch's zip writer reports I/O errors as RuntimeError
+        if "write" not in str(e).lower():
+            raise
+        raise OSError(_errno_of(str(e)), str(e).splitlines()[0], str(path)) from None
+
+
+def _errno_of(message: str) -> int:
+    lower = message.lower()
+    return errno.ENOSPC if "no space" in lower or "file write failed" in lower else errno.EIO
+
+
 def save_checkpoint(ckpt_root: Path, step: int, model: nn.Module, state: dict[str, Any],
                     keep_last: int = 0) -> Path:
-    """Write checkpoint `step` atomically; keep only the newest `keep_last` (0 = all)."""
+    """Write checkpoint `step` atomically; keep only the newest `keep_last` (0 = all).
+
+    Pruning runs only after the new checkpoint is complete and never removes it, so the newest
+    finite checkpoint always survives (non-finite weights are never written).
+    """
     final = write_checkpoint_dir(ckpt_root / f"step-{step:07d}", model, state)
-    _write_atomic(ckpt_root / "latest", final.name + "\n")
+    try:
+        _write_atomic(ckpt_root / "latest", final.name + "\n")
+    except OSError as e:  # the checkpoint itself is complete; 'latest' falls back to the listing
+        raise CheckpointError(f"wrote {final} but not {ckpt_root / 'latest'}: "
+                              f"{_disk_message(e)}") from None
     if keep_last > 0:
-        for old in list_checkpoints(ckpt_root)[:-keep_last]:
+        others = [p for p in list_checkpoints(ckpt_root) if p != final]
+        for old in others[:max(0, len(others) - (keep_last - 1))]:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def clean_temporary(ckpt_root: Path) -> list[Path]:
+    """Remove what an interrupted writer left behind (``.step-*`` folders, ``.latest.tmp``).
+
+    Call only while holding the run directory's lock: another writer's temporaries look alike.
+    """
+    if not ckpt_root.is_dir():
+        return []
+    leaked = [p for p in ckpt_root.iterdir() if p.name.startswith((".step-", ".latest"))]
+    for path in leaked:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return leaked
 
 
 def list_checkpoints(ckpt_root: Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
     if not ckpt_root.is_dir():
         return []
-    return sorted(p for p in ckpt_root.glob("step-*") if p.is_dir() and (p / STATE).exists())
+    return sorted(p for p in ckpt_root.glob("step-*")
+                  if p.is_dir() and (p / STATE).is_file() and (p / WEIGHTS).is_file())
 
 
 def latest_checkpoint(ckpt_root: Path) -> Path | None:
     """The newest complete checkpoint, or None."""
     pointer = ckpt_root / "latest"
     if pointer.is_file():
-        candidate = ckpt_root / pointer.read_text().strip()
-        if (candidate / STATE).exists():
+        try:
+            name = pointer.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError):
+            name = ""
+        candidate = ckpt_root / name
+        if name.startswith("step-") and "/" not in name and (candidate / STATE).is_file() \
+                and (candidate / WEIGHTS).is_file():
             return candidate
     found = list_checkpoints(ckpt_root)
     return found[-1] if found else None
@@ -174,3 +290,25 @@ def load_model_weights(model: nn.Module, weights: dict[str, torch.Tensor],
     """Strict load that lists missing and unexpected keys in the error."""
     check_keys(weights, model.state_dict(), f"{source} does not fit the model")
     model.load_state_dict(weights)
+
+
+def check_optimizer_state(optimizer: torch.optim.Optimizer, saved: Any, source: str) -> None:
+    """A saved optimizer state must fit `optimizer` (groups, sizes, moment shapes) before it is
+    loaded: torch would accept some mismatches and fail only at the next step."""
+    groups = optimizer.param_groups
+    saved_groups = saved.get("param_groups") if isinstance(saved, dict) else None
+    if not isinstance(saved_groups, list) or not isinstance(saved.get("state"), dict):
+        raise CheckpointError(f"{source}: the optimizer state is not an optimizer state dict")
+    have = [len(g.get("params", [])) for g in saved_groups]
+    want = [len(g["params"]) for g in groups]
+    if have != want:
+        raise CheckpointError(f"{source}: optimizer state has parameter groups of sizes {have}, "
+                              f"this model needs {want} (another architecture?)")
+    for group, saved_group in zip(groups, saved_groups, strict=True):
+        for param, ident in zip(group["params"], saved_group["params"], strict=True):
+            for name, value in saved["state"].get(ident, {}).items():
+                if (isinstance(value, torch.Tensor) and value.dim() > 0
+                        and tuple(value.shape) != tuple(param.shape)):
+                    raise CheckpointError(
+                        f"{source}: optimizer state '{name}' of parameter {ident} has shape "
+                        f"{tuple(value.shape)}, the model's parameter {tuple(param.shape)}")

@@ -58,13 +58,25 @@ class MetricsWriter:
             self._tb.close()
 
 
+def _step_of(line: str) -> int | None:
+    """The step of one metrics line; None for a line cut short by a killed process."""
+    try:
+        record = json.loads(line)
+        return int(record["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 def truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop lines after `last_step` (a resumed run rewrites them)."""
+    """Drop lines after `last_step` (a resumed run rewrites them) and any line a killed run
+    left half-written; the file is replaced atomically."""
     if not path.is_file():
         return
-    keep = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line)["step"] <= last_step]
-    path.write_text("".join(line + "\n" for line in keep))
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    keep = [line for line in lines if (step := _step_of(line)) is not None and step <= last_step]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    tmp.replace(path)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

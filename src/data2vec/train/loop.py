@@ -1,10 +1,22 @@
-"""The pre-training loop: one optimizer update per ``train_step``, everything in plain sight."""
+"""The pre-training loop: one optimizer update per ``train_step``, everything in plain sight.
+
+Faults are handled here, where the update happens:
+
+- a non-finite loss or gradient is caught *before* ``optimizer.step()``: the update is skipped
+  (``run.nonfinite=skip``, at most ``run.max_consecutive_skips`` in a row) or the run stops
+  (``stop``), with a checkpoint of the last finite update; a checkpoint is never written from
+  non-finite weights (:func:`~data2vec.train.checkpoint.write_checkpoint_dir` refuses);
+- SIGTERM / SIGINT finish the current update, write a checkpoint and end the loop (a second
+  signal acts at once); all ranks agree on the step to stop at.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import math
+import signal
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,7 +30,7 @@ from tqdm import tqdm
 
 from data2vec.batch import Batch
 from data2vec.config import Config, to_dict
-from data2vec.errors import Data2VecError
+from data2vec.errors import CheckpointError, Data2VecError, DataError
 from data2vec.train import checkpoint as ckpt
 from data2vec.train.distributed import DistInfo, all_reduce_sum, unwrap
 from data2vec.train.logging import MetricsWriter, collapse_alarm, truncate_metrics
@@ -53,7 +65,7 @@ def _numpy_state_from_torch(state: dict[str, Any]) -> dict[str, Any]:
 
 @dataclass
 class StepResult:
-    """What one optimizer update reports."""
+    """What one optimizer update reports; ``skipped`` = non-finite, nothing was applied."""
 
     loss: float
     target_std: float
@@ -63,6 +75,10 @@ class StepResult:
     lr: float
     grad_norm: float
     samples: int
+    skipped: bool = False
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class Trainer:
@@ -75,32 +91,81 @@ class Trainer:
         self.step = 0
         self._iter: Iterator[Batch] | None = None
         self.ckpt_root = run_dir / "checkpoints"
+        self.nonfinite_skips = 0
+        """Updates skipped for a non-finite loss or gradient over the whole run (resumed too)."""
+        self._consecutive_skips = 0
+        self.signal_received: int | None = None
+        """SIGTERM / SIGINT caught by this process (the run stops after the current update)."""
+        self.stopped_by: int | None = None
+        """The signal that ended the loop early, if any (all ranks agree on it)."""
+        self.last_checkpoint: Path | None = None
+        self._saved_step = -1
+        self._stop_votes = 0.0
 
     # ----------------------------------------------------------------- state
     def state(self) -> dict[str, Any]:
         """Everything besides the weights that a resume needs."""
-        return {"step": self.step, "optimizer": self.optimizer.state_dict(),
-                "rng": _numpy_state_to_torch(ckpt.rng_state()),
-                "data": self.batches.state_dict(), "config": to_dict(self.cfg)}
+        state = {"step": self.step, "optimizer": self.optimizer.state_dict(),
+                 "rng": _numpy_state_to_torch(ckpt.rng_state()),
+                 "data": self.batches.state_dict(), "config": to_dict(self.cfg),
+                 "nonfinite_skips": self.nonfinite_skips}
+        bad_files = getattr(self.batches, "bad_files", None)
+        if bad_files:
+            state["bad_files"] = dict(bad_files)
+        return state
 
-    def save(self) -> Path | None:
-        """Checkpoint the current state (main process only)."""
+    def save(self, prune: bool = True) -> Path | None:
+        """Checkpoint the current state (main process only); once per step. With `prune`, only
+        the newest ``run.keep_last`` checkpoints are kept.
+
+        A failed write (non-finite weights, full disk) raises :class:`TrainingError` naming the
+        newest checkpoint that is on disk and finite.
+        """
         if not self.info.is_main:
             return None
-        path = ckpt.save_checkpoint(self.ckpt_root, self.step, unwrap(self.model), self.state(),
-                                    self.cfg.run.keep_last)
+        if self._saved_step == self.step and self.last_checkpoint is not None:
+            return self.last_checkpoint
+        try:
+            path = ckpt.save_checkpoint(self.ckpt_root, self.step, unwrap(self.model),
+                                        self.state(), self.cfg.run.keep_last if prune else 0)
+        except CheckpointError as e:
+            raise TrainingError(f"{e}; {self._newest_finite()}") from None
+        self.last_checkpoint, self._saved_step = path, self.step
         log.info("checkpoint %s", path)
         return path
 
-    def resume(self, checkpoint: Path) -> None:
-        """Restore weights, optimizer, step, data position and RNG from `checkpoint`."""
+    def _newest_finite(self) -> str:
+        newest = ckpt.latest_checkpoint(self.ckpt_root)
+        if newest is None:
+            return "no checkpoint of this run is on disk yet"
+        return f"the newest finite checkpoint is {newest} (--resume continues from it)"
+
+    def read_checkpoint(self, checkpoint: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(state, weights) of `checkpoint`, checked to fit this run (modality, version, weight
+        and optimizer-state shapes) without changing anything: a misfit raises here."""
         state = ckpt.load_state(checkpoint)  # first: a bad state file stops before any weights
-        ckpt.load_model_weights(unwrap(self.model), ckpt.load_weights(checkpoint), str(checkpoint))
+        _check_state(state, self.cfg, checkpoint)
+        weights = ckpt.load_weights(checkpoint)
+        ckpt.check_keys(weights, unwrap(self.model).state_dict(),
+                        f"{checkpoint} does not fit the model")
+        ckpt.check_optimizer_state(self.optimizer, state["optimizer"], str(checkpoint))
+        return state, weights
+
+    def resume(self, checkpoint: Path,
+               loaded: tuple[dict[str, Any], dict[str, Any]] | None = None) -> None:
+        """Restore weights, optimizer, step, data position and RNG from `checkpoint` (`loaded`:
+        what :meth:`read_checkpoint` returned for it, to avoid reading it twice)."""
+        state, weights = loaded or self.read_checkpoint(checkpoint)
+        ckpt.load_model_weights(unwrap(self.model), weights, str(checkpoint))
         self.optimizer.load_state_dict(state["optimizer"])
         self.batches.load_state_dict(state["data"])
+        if state.get("bad_files") and hasattr(self.batches, "restore_bad_files"):
+            self.batches.restore_bad_files(state["bad_files"])
         self.step = int(state["step"])
+        self.nonfinite_skips = int(state.get("nonfinite_skips", 0))
         ckpt.set_rng_state(_numpy_state_from_torch(state["rng"]))
         truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
+        self.last_checkpoint, self._saved_step = Path(checkpoint), self.step
         log.info("resumed from %s at step %d", checkpoint, self.step)
 
     # ------------------------------------------------------------------ step
@@ -108,6 +173,21 @@ class Trainer:
         if self.cfg.run.precision == "bf16":
             return torch.autocast(self.info.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
+
+    def _fetch(self) -> list[Batch]:
+        """The next update's micro-batches; a bad file (without --skip-bad) ends the run with a
+        checkpoint of the progress so far, the data position put back before that batch."""
+        before = self.batches.state_dict()
+        try:
+            return self._next_micro_batches()
+        except DataError as e:
+            self.batches.load_state_dict(before)
+            self._iter = None
+            path = self.save() if self.step > 0 else None
+            kept = (f"; progress up to step {self.step} is saved in {path} (then --resume)"
+                    if path else "")
+            raise DataError(f"{e}{kept}; fix or remove the file, or pass --skip-bad to skip "
+                            "such files", e.reason) from None
 
     def _next_micro_batches(self) -> list[Batch]:
         if self._iter is None:
@@ -121,10 +201,14 @@ class Trainer:
         ``sample_size``: masked and not padding) over all micro-batches and ranks. That count is
         known only after the forward passes, so each backward takes the plain loss sum and the
         gradients are divided once at the end (DDP averages over ranks: the world-size factor).
+
+        A non-finite loss (any rank) or gradient norm skips the update *before* the optimizer
+        sees it: no step, no EMA update, the step counter stays (``skipped=True``).
         """
         self.model.train()
-        loss_sum = torch.zeros((), device=self.info.device)
-        count = torch.zeros((), device=self.info.device)
+        device = self.info.device
+        loss_sum = torch.zeros((), device=device)
+        count = torch.zeros((), device=device)
         stats: dict[str, float] = {"target_std": 0.0, "pred_std": 0.0, "masked_fraction": 0.0}
         for i, batch in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
@@ -133,13 +217,15 @@ class Trainer:
             with sync_ctx:
                 with self._autocast():
                     out = self.model(batch)
-                self._check_finite(out.loss_sum)
                 (out.loss_sum * self.info.world_size).backward()
-            loss_sum += out.loss_sum.detach()
+            loss_sum += out.loss_sum.detach().float()
             count += out.sample_size.detach()
             for key in stats:
                 stats[key] += float(out.stats[key]) / len(micro_batches)
-        count = all_reduce_sum(count.float()).clamp_min(1)
+        # one reduction: the loss, the positions counted, and whether any rank was signalled
+        stop = torch.tensor(float(self.signal_received is not None), device=device)
+        totals = all_reduce_sum(torch.stack([loss_sum, count.float(), stop]))
+        loss_total, count, self._stop_votes = totals[0], totals[1].clamp_min(1), float(totals[2])
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         for p in params:
             if p.grad is not None:
@@ -147,53 +233,129 @@ class Trainer:
         clip = self.cfg.optim.clip_norm if self.cfg.optim.clip_norm > 0 else math.inf
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
         lr = lr_at(self.step, self.cfg.optim, self.cfg.run.max_steps)
+        loss = float(loss_total / count)
+        samples = sum(len(b) for b in micro_batches) * self.info.world_size
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            return StepResult(loss, stats["target_std"], stats["pred_std"],
+                              stats["masked_fraction"], math.nan, lr, grad_norm, samples,
+                              skipped=True)
         set_lr(self.optimizer, lr)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         tau = unwrap(self.model).ema_step(self.step)  # once per update, never per micro-batch
         self.step += 1
-        loss = float(all_reduce_sum(loss_sum) / count)
-        samples = sum(len(b) for b in micro_batches) * self.info.world_size
         return StepResult(loss, stats["target_std"], stats["pred_std"],
                           stats["masked_fraction"], tau, lr, grad_norm, samples)
 
-    def _check_finite(self, loss_sum: torch.Tensor) -> None:
-        bad = all_reduce_sum((~torch.isfinite(loss_sum.detach())).float())
-        if bad.item() > 0:
-            path = self.save()  # the weights are still those of the last good update
-            raise TrainingError(f"non-finite loss at step {self.step + 1}; last good state "
-                                f"(step {self.step}) saved to {path}")
+    def _on_nonfinite(self, result: StepResult) -> None:
+        """Count a skipped update; stop (after checkpointing the last finite state) when the
+        config says so or too many came in a row."""
+        run = self.cfg.run
+        self.nonfinite_skips += 1
+        self._consecutive_skips += 1
+        what = "loss" if not math.isfinite(result.loss) else "gradient"
+        where = f"non-finite {what} at step {self.step + 1}"
+        if run.nonfinite == "skip" and self._consecutive_skips < run.max_consecutive_skips:
+            log.warning("%s: update skipped (%d in a row, %d in this run; run.nonfinite=skip, "
+                        "at most run.max_consecutive_skips=%d in a row)", where,
+                        self._consecutive_skips, self.nonfinite_skips, run.max_consecutive_skips)
+            return
+        why = ("run.nonfinite=stop" if run.nonfinite == "stop" else
+               f"{self._consecutive_skips} updates in a row, run.max_consecutive_skips="
+               f"{run.max_consecutive_skips}")
+        # The weights are those of the last finite update; no older checkpoint is pruned for
+        # it (the update before a divergence may already have been a bad one).
+        path = self.save(prune=False)
+        raise TrainingError(f"{where} ({why}); the last finite state (step {self.step}) is "
+                            f"saved in {path}, earlier checkpoints kept: lower optim.lr or set "
+                            "optim.clip_norm, then --resume")
+
+    # --------------------------------------------------------------- signals
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self.signal_received is not None:  # a second signal: act now
+            signal.signal(signum, signal.SIG_DFL)
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            signal.raise_signal(signum)
+            return
+        self.signal_received = signum
+        log.warning("%s received: finishing the current update, then writing a checkpoint "
+                    "(send it again to stop at once)", signal.Signals(signum).name)
+
+    @contextlib.contextmanager
+    def _signals_handled(self):
+        """Catch SIGTERM / SIGINT for the loop's duration (main thread only)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
 
     # ------------------------------------------------------------------ loop
+    def _skip_counts(self) -> dict[str, float]:
+        """Files skipped by the data (``--skip-bad``), by reason, and skipped updates."""
+        skipped = getattr(self.batches, "skipped", None) or {}
+        out = {f"skipped_{reason}": float(n) for reason, n in sorted(skipped.items()) if n}
+        if self.nonfinite_skips:
+            out["skipped_nonfinite_updates"] = float(self.nonfinite_skips)
+        return out
+
     def run(self) -> dict[str, float]:
-        """Train until run.max_steps; checkpoint every run.checkpoint_every and at the end."""
+        """Train until run.max_steps; checkpoint every run.checkpoint_every and at the end.
+
+        Returns the last update's metrics. A SIGTERM / SIGINT ends the loop after the current
+        update with a checkpoint (``stopped_by`` names the signal).
+        """
         run = self.cfg.run
         writer = MetricsWriter(self.run_dir, run.tensorboard) if self.info.is_main else None
         bar = tqdm(total=run.max_steps, initial=self.step, dynamic_ncols=True,
                    disable=not (self.info.is_main and run.progress), desc="pretrain")
         last: dict[str, float] = {}
         try:
-            end = min(run.max_steps, run.stop_at) if run.stop_at > 0 else run.max_steps
-            while self.step < end:
-                start = time.perf_counter()
-                result = self.train_step(self._next_micro_batches())
-                elapsed = time.perf_counter() - start
-                last = {"step": self.step, **vars(result), "steps_per_s": 1 / elapsed,
-                        "samples_per_s": result.samples / elapsed}
-                self._watch_collapse(result)
-                if writer is not None and (self.step % run.log_every == 0 or self.step == 1):
-                    writer.write(self.step, {k: v for k, v in last.items() if k != "step"})
-                bar.update(1)
-                bar.set_postfix(loss=f"{result.loss:.4f}", tau=f"{result.tau:.5f}",
-                                tstd=f"{result.target_std:.3f}", lr=f"{result.lr:.2e}",
-                                refresh=False)
-                if self.step % run.checkpoint_every == 0 and self.step < end:
-                    self.save()
-            self.save()
+            with self._signals_handled():
+                end = min(run.max_steps, run.stop_at) if run.stop_at > 0 else run.max_steps
+                while self.step < end:
+                    start = time.perf_counter()
+                    result = self.train_step(self._fetch())
+                    if result.skipped:
+                        self._on_nonfinite(result)
+                    else:
+                        self._consecutive_skips = 0
+                        last = self._record(result, time.perf_counter() - start, writer)
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{result.loss:.4f}", tau=f"{result.tau:.5f}",
+                                        tstd=f"{result.target_std:.3f}", lr=f"{result.lr:.2e}",
+                                        refresh=False)
+                    if self._stop_votes > 0:
+                        self.stopped_by = self.signal_received or signal.SIGTERM
+                        break
+                    if not result.skipped and self.step % run.checkpoint_every == 0 \
+                            and self.step < end:
+                        self.save()
+                self.save()
         finally:
             bar.close()
             if writer is not None:
                 writer.close()
+        if self.stopped_by is not None:
+            log.warning("stopped by %s after step %d; checkpoint %s",
+                        signal.Signals(self.stopped_by).name, self.step, self.last_checkpoint)
+        return last
+
+    def _record(self, result: StepResult, elapsed: float,
+                writer: MetricsWriter | None) -> dict[str, float]:
+        run = self.cfg.run
+        last = {"step": self.step, **{k: v for k, v in vars(result).items() if k != "skipped"},
+                "steps_per_s": 1 / elapsed, "samples_per_s": result.samples / elapsed}
+        self._watch_collapse(result)
+        if writer is not None and (self.step % run.log_every == 0 or self.step == 1):
+            writer.write(self.step, {**{k: v for k, v in last.items() if k != "step"},
+                                     **self._skip_counts()})
         return last
 
     def _watch_collapse(self, result: StepResult) -> None:
@@ -209,3 +371,18 @@ class Trainer:
             path = self.save()
             raise TrainingError(f"representation collapse at step {self.step}: {message}; "
                                 f"state saved to {path} (run.abort_on_collapse=true)")
+
+
+def _check_state(state: dict[str, Any], cfg: Config, checkpoint: Path) -> None:
+    """A resumed checkpoint must hold this run's modality and version, and a step count."""
+    for key in ("step", "optimizer", "rng", "data"):
+        if key not in state:
+            raise CheckpointError(f"{checkpoint}/{ckpt.STATE} lacks '{key}': not a pre-training "
+                                  "checkpoint that --resume can continue")
+    saved = state.get("config")
+    if isinstance(saved, dict):
+        have = (saved.get("modality"), saved.get("version"))
+        if have != (cfg.modality, cfg.version):
+            raise CheckpointError(f"{checkpoint} holds a {have[0]} v{have[1]} run, not "
+                                  f"{cfg.modality} v{cfg.version}: resume it with --modality "
+                                  f"{have[0]} --version {have[1]}, or choose another --out")

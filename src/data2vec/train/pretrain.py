@@ -10,14 +10,17 @@ import yaml
 
 from data2vec.build import build_model
 from data2vec.config import Config, config_from_dict, to_dict
-from data2vec.errors import CheckpointError
+from data2vec.errors import CheckpointError, ConfigError
+from data2vec.files import read_text
 from data2vec.train import checkpoint as ckpt
 from data2vec.train.distributed import barrier, init_distributed, shutdown, wrap_ddp
 from data2vec.train.logging import setup_console_logging
 from data2vec.train.loop import Trainer
 from data2vec.train.optim import build_optimizer
+from data2vec.train.rundir import RunLock, check_run_dir, clear_run
 
 log = logging.getLogger("data2vec")
+SKIP_MESSAGES_SHOWN = 10
 
 
 def saved_config(run_dir: Path) -> Config | None:
@@ -25,7 +28,16 @@ def saved_config(run_dir: Path) -> Config | None:
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         return None
-    return config_from_dict(yaml.safe_load(path.read_text()))
+    try:
+        data = yaml.safe_load(read_text(path, ConfigError, "run config (YAML)"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected the run's config as a mapping")
+    try:
+        return config_from_dict(data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
 
 
 def prepare_data(cfg: Config) -> None:
@@ -50,19 +62,27 @@ def init_config(cfg: Config, init: Path) -> Config:
     return cfg
 
 
-def pretrain(cfg: Config, run_dir: Path, resume: bool = False,
-             init: Path | None = None) -> dict[str, float]:
+def pretrain(cfg: Config, run_dir: Path, resume: bool = False, init: Path | None = None,
+             overwrite: bool = False) -> dict[str, float]:
     """Pre-train `cfg` into `run_dir`; with `resume`, continue from its latest checkpoint; with
-    `init`, start from the weights (student and teacher) of another checkpoint, e.g. an import."""
+    `init`, start from the weights (student and teacher) of another checkpoint, e.g. an import.
+
+    A directory that already holds a run is refused unless `resume` or `overwrite`; the
+    directory is locked while the run writes to it, and nothing is written into it before the
+    data, the model and the checkpoint to resume have all been read. The returned metrics carry
+    ``stopped_by_signal`` when SIGTERM / SIGINT ended the run early (after a checkpoint).
+    """
     from data2vec.data.loader import build_pretrain_loader
 
     info = init_distributed(cfg.run.device)
     run_dir = Path(run_dir)
-    setup_console_logging(run_dir, info.is_main)
+    setup_console_logging(None, info.is_main)  # train.log once the run directory is ours
+    lock = RunLock(run_dir)
     try:
         if cfg.run.threads > 0:
             torch.set_num_threads(cfg.run.threads)
         if info.is_main:
+            check_run_dir(run_dir, resume, overwrite)  # before any work: fails fast
             prepare_data(cfg)  # demo preparation and tokenizer training happen once
         barrier()
         if not info.is_main:
@@ -70,9 +90,6 @@ def pretrain(cfg: Config, run_dir: Path, resume: bool = False,
         checkpoint = ckpt.latest_checkpoint(run_dir / "checkpoints") if resume else None
         if resume and checkpoint is None:
             raise CheckpointError(f"--resume: no checkpoint under {run_dir / 'checkpoints'}")
-        if info.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         model = build_model(cfg).to(info.device)
         optimizer = build_optimizer(model, cfg.optim)
@@ -80,17 +97,59 @@ def pretrain(cfg: Config, run_dir: Path, resume: bool = False,
         find_unused = cfg.model.encoder.layerdrop > 0
         trainer = Trainer(cfg, run_dir, wrap_ddp(model, info, find_unused), optimizer, batches,
                           info)
+        # Everything is read and checked before the run directory is touched.
+        loaded = trainer.read_checkpoint(checkpoint) if checkpoint is not None else None
+        init_weights = None
+        if checkpoint is None and init is not None:
+            source = ckpt.find_checkpoint(init)
+            init_weights = ckpt.load_weights(source)
+            ckpt.check_keys(init_weights, model.state_dict(), f"{source} does not fit the model")
+        if info.is_main:
+            _take_run_dir(lock, run_dir, cfg, overwrite)
+            _report_skipped(batches)
         n_params = sum(p.numel() for p in model.student_parameters())
         log.info("%s v%d: %.2f M trainable parameters, device %s, world size %d",
                  cfg.modality, cfg.version, n_params / 1e6, info.device, info.world_size)
         if checkpoint is not None:
-            trainer.resume(checkpoint)
-        elif init is not None:
-            source = ckpt.find_checkpoint(init)
-            ckpt.load_model_weights(model, ckpt.load_weights(source), str(source))
-            log.info("initialised from %s", source)
+            trainer.resume(checkpoint, loaded)
+        elif init_weights is not None:
+            ckpt.load_model_weights(model, init_weights, str(init))
+            log.info("initialised from %s", init)
         else:
             torch.manual_seed(cfg.run.seed + info.rank)  # dropout differs across ranks
-        return trainer.run()
+        last = trainer.run()
+        if trainer.stopped_by is not None:
+            last = {**last, "step": float(trainer.step),
+                    "stopped_by_signal": float(trainer.stopped_by)}
+        return last
     finally:
+        lock.release()
         shutdown()
+
+
+def _take_run_dir(lock: RunLock, run_dir: Path, cfg: Config, overwrite: bool) -> None:
+    """Lock the run directory, clean what a killed writer left, write config.yaml."""
+    lock.acquire()
+    if overwrite:
+        clear_run(run_dir)
+    leaked = ckpt.clean_temporary(run_dir / "checkpoints")
+    setup_console_logging(run_dir, True)
+    if leaked:
+        log.info("removed %d temporary checkpoint folder(s) left by an interrupted run: %s",
+                 len(leaked), ", ".join(p.name for p in leaked))
+    tmp = run_dir / ".config.yaml.tmp"
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tmp.replace(run_dir / "config.yaml")
+
+
+def _report_skipped(batches: object) -> None:
+    """--skip-bad: say which files were left out and why (first few), and how many by reason."""
+    skipped = getattr(batches, "skipped", None) or {}
+    messages = getattr(batches, "skip_messages", [])
+    for message in messages[:SKIP_MESSAGES_SHOWN]:
+        log.warning("skipped: %s", message)
+    if len(messages) > SKIP_MESSAGES_SHOWN:
+        log.warning("... and %d more skipped files", len(messages) - SKIP_MESSAGES_SHOWN)
+    if skipped:
+        log.warning("skipped %d file(s) by reason: %s", sum(skipped.values()),
+                    ", ".join(f"{k} {v}" for k, v in sorted(skipped.items())))
