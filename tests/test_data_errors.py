@@ -82,18 +82,43 @@ def test_missing_manifest_entry_names_the_file(tmp_path: Path) -> None:
         AudioDataset.from_path(tmp_path, "train")
 
 
-def test_corrupt_file_in_manifest_fails_on_load(tmp_path: Path) -> None:
+def test_corrupt_file_in_manifest_fails_up_front_or_on_load(tmp_path: Path) -> None:
     tone(tmp_path / "a.wav", 1.0)
     bad = tmp_path / "b.wav"
     bad.write_bytes(b"not audio at all")
     (tmp_path / "train.tsv").write_text(f"{tmp_path}\na.wav\t16000\nb.wav\t16000\n")
-    ds = AudioDataset.from_path(tmp_path, "train")  # manifests are trusted until read
+    with pytest.raises(DataError) as error:  # every header is read when the manifest is
+        AudioDataset.from_path(tmp_path, "train")
+    assert one_line_naming(error, bad)
+    checked = AudioDataset.from_path(tmp_path, "train", skip_bad=True)
+    assert len(checked) == 1 and checked.skipped == {"unreadable": 1}
+    # a FLAC whose header is fine but whose frames are cut: found only when it is decoded
+    cut = tmp_path / "c.flac"
+    sf.write(cut, np.random.default_rng(0).normal(0, 0.1, 16_000).astype(np.float32), 16_000)
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    (tmp_path / "train.tsv").write_text(f"{tmp_path}\na.wav\t16000\nc.flac\t16000\n")
+    ds = AudioDataset.from_path(tmp_path, "train")
     assert ds[0].shape == (16_000,)
     with pytest.raises(DataError) as error:
         ds[1]
-    assert one_line_naming(error, bad)
-    checked = AudioDataset.from_path(tmp_path, "train", skip_bad=True)  # probes every header
-    assert len(checked) == 1 and checked.skipped["bad"] == 1
+    assert one_line_naming(error, cut) and error.value.reason == "unreadable"
+
+
+def test_manifest_sample_counts_are_checked_against_the_files(tmp_path: Path) -> None:
+    tone(tmp_path / "a.wav", 1.0)
+    tone(tmp_path / "b.wav", 0.5)
+    manifest = tmp_path / "train.tsv"
+    manifest.write_text(f"{tmp_path}\na.wav\t16000\nb.wav\t16000\n")  # b has 8000
+    with pytest.raises(DataError) as error:
+        AudioDataset.from_path(tmp_path, "train")
+    assert one_line_naming(error, manifest) and "b.wav" in str(error.value)
+    assert "8000" in str(error.value) and "16000" in str(error.value)
+    ds = AudioDataset.from_path(tmp_path, "train", skip_bad=True)
+    assert len(ds) == 1 and ds.skipped == {"size_mismatch": 1}
+    manifest.write_bytes(f"{tmp_path}\na.wav\t16000\n".encode() + b"\xff\xfe.wav\t1\n")
+    with pytest.raises(DataError) as error:
+        AudioDataset.from_path(tmp_path, "train")
+    assert one_line_naming(error, manifest) and "UTF-8" in str(error.value)
 
 
 def test_skip_bad_audio_skips_and_counts(tmp_path: Path) -> None:
@@ -103,7 +128,7 @@ def test_skip_bad_audio_skips_and_counts(tmp_path: Path) -> None:
     (tmp_path / "empty.wav").write_bytes(b"")
     (tmp_path / "junk.flac").write_bytes(b"fLaC" + bytes(64))
     ds = AudioDataset.from_path(tmp_path, skip_bad=True, min_sample_size=8_000)
-    assert len(ds) == 3 and ds.skipped == {"bad": 2, "short": 1}
+    assert len(ds) == 3 and ds.skipped == {"empty": 1, "unreadable": 1, "short": 1}
     assert sorted(ds.sizes.tolist()) == [16_000, 32_000, 48_000]
     written = write_manifest(tmp_path, tmp_path / "manifests", skip_bad=True)
     root, entries = read_manifest(written[0])
@@ -139,7 +164,7 @@ def test_corrupt_image_names_the_file_or_is_skipped(tmp_path: Path) -> None:
         ds.load(2)
     assert one_line_naming(error, bad)
     skipping = ImageFolderDataset(tmp_path, skip_bad=True)
-    assert len(skipping) == 2 and skipping.skipped["bad"] == 1
+    assert len(skipping) == 2 and skipping.skipped == {"unreadable": 1}
 
 
 def test_zero_length_image_names_the_file(tmp_path: Path) -> None:
@@ -150,7 +175,7 @@ def test_zero_length_image_names_the_file(tmp_path: Path) -> None:
         ImageFolderDataset(tmp_path)
     assert one_line_naming(error, empty)
     ds = ImageFolderDataset(tmp_path, skip_bad=True)
-    assert len(ds) == 1 and ds.targets == [-1] and ds.skipped["bad"] == 1
+    assert len(ds) == 1 and ds.targets == [-1] and ds.skipped == {"empty": 1}
 
 
 def test_cmyk_palette_alpha_and_16_bit_images_are_converted(tmp_path: Path) -> None:
@@ -180,7 +205,7 @@ def test_empty_text_file_names_the_file_or_is_skipped(tmp_path: Path) -> None:
     assert one_line_naming(error, empty)
     docs, skipped = load_documents(tmp_path, skip_bad=True)
     assert docs == [["First document line.", "Second line."], ["Another doc."]]
-    assert skipped["bad"] == 1
+    assert skipped == {"empty": 1}
 
 
 def test_non_utf8_text_names_the_file(tmp_path: Path) -> None:

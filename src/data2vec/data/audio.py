@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from data2vec.errors import DataError
+from data2vec.files import read_text
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
 LABEL_EXTENSIONS = ("ltr", "wrd")
@@ -41,11 +42,12 @@ def _one_line(error: BaseException) -> str:
 
 
 def read_manifest(path: Path, check_files: bool = True) -> tuple[Path, list[tuple[str, int]]]:
-    """(root, [(relative path, num_samples)]) of a fairseq manifest; missing files are errors."""
+    """(root, [(relative path, num_samples)]) of a fairseq manifest; missing files are errors
+    (with `check_files`; otherwise the dataset decides, e.g. skips them with ``skip_bad``)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"manifest not found: {path}")
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = read_text(path, DataError, "manifest (TSV)").splitlines()
     if not lines or not lines[0].strip():
         raise DataError(f"{path}: empty manifest (expected a root directory on the first line)")
     root = Path(lines[0].strip()).expanduser()
@@ -56,14 +58,16 @@ def read_manifest(path: Path, check_files: bool = True) -> tuple[Path, list[tupl
         if not line.strip():
             continue
         parts = line.split("\t")
-        if len(parts) < 2 or not parts[1].strip().isdigit():
+        if len(parts) < 2 or not parts[0].strip() or not parts[1].strip().isdigit():
             raise DataError(f"{path}:{number}: expected 'relative_path<TAB>num_samples', "
                             f"got {line!r}")
         entries.append((parts[0], int(parts[1])))
+    if not entries:
+        raise DataError(f"{path}: the manifest lists no audio file")
     if check_files:
         for rel, _ in entries:
             if not (root / rel).is_file():
-                raise DataError(f"{path}: listed audio file not found: {root / rel}")
+                raise DataError(f"{path}: listed audio file not found: {root / rel}", "missing")
     return root, entries
 
 
@@ -78,12 +82,16 @@ def audio_files(folder: Path) -> list[Path]:
 
 def audio_info(path: Path) -> tuple[int, int]:
     """(num_frames, sample_rate) from the header; unreadable or empty -> DataError naming it."""
+    if not Path(path).is_file():
+        raise DataError(f"audio file not found: {path}", "missing")
+    if Path(path).stat().st_size == 0:
+        raise DataError(f"{path}: empty audio file (0 bytes)", "empty")
     try:
         info = sf.info(str(path))
     except Exception as e:  # soundfile raises several types (LibsndfileError, RuntimeError)
-        raise DataError(f"{path}: unreadable audio ({_one_line(e)})") from None
+        raise DataError(f"{path}: unreadable audio ({_one_line(e)})", "unreadable") from None
     if info.frames <= 0:
-        raise DataError(f"{path}: empty audio (0 samples)")
+        raise DataError(f"{path}: empty audio (0 samples)", "empty")
     return int(info.frames), int(info.samplerate)
 
 
@@ -125,7 +133,7 @@ def _read_labels(manifest: Path, count: int) -> dict[str, list[str]]:
     for ext in LABEL_EXTENSIONS:
         path = manifest.with_suffix(f".{ext}")
         if path.is_file():
-            lines = path.read_text(encoding="utf-8").splitlines()
+            lines = read_text(path, DataError, "transcript file").splitlines()
             if len(lines) != count:
                 raise DataError(f"{path}: {len(lines)} lines, but {manifest} lists {count} files")
             labels[ext] = lines
@@ -155,31 +163,40 @@ def random_crop(wave: Tensor, size: int, generator: torch.Generator) -> Tensor:
 class AudioDataset:
     """Utterances as float waveforms at `sample_rate`, with sizes for bucketing and labels.
 
-    Files shorter than `min_sample_size` are dropped (``skipped['short']``); with `skip_bad`
-    unreadable or empty files are dropped too (``skipped['bad']``) instead of raising.
-    Multi-channel audio is averaged to mono.
+    Every file's header is read up front: a missing, unreadable or empty file, or one whose
+    length differs from what the manifest states, fails naming it, or with `skip_bad` is
+    dropped and counted by reason in ``skipped`` (one line per file in ``skip_messages``).
+    Files shorter than `min_sample_size` are dropped too (``skipped['short']``). A sample rate
+    other than `sample_rate` is a setting to fix (``resample``), never skipped. Multi-channel
+    audio is averaged to mono.
     """
 
     def __init__(self, root: Path, entries: list[tuple[str, int]], *, sample_rate: int = 16_000,
                  resample: bool = False, min_sample_size: int = 0, normalize: bool = True,
-                 skip_bad: bool = False, check_headers: bool = False,
+                 skip_bad: bool = False, manifest: Path | None = None,
                  labels: dict[str, list[str]] | None = None) -> None:
         self.root, self.sample_rate, self.resample = Path(root), sample_rate, resample
         self.normalize = normalize
         self.skipped: Counter[str] = Counter()
+        self.skip_messages: list[str] = []
         kept: list[int] = []
         sizes: list[int] = []
-        for index, (rel, size) in enumerate(entries):
-            if check_headers or skip_bad:  # header check up front so batches stay deterministic
-                try:
-                    size, rate = audio_info(self.root / rel)
-                except DataError:
-                    if not skip_bad:
-                        raise
-                    self.skipped["bad"] += 1
-                    continue
-                self._check_rate(self.root / rel, rate)  # a setting to fix, never skipped
-                size = size * sample_rate // rate
+        for index, (rel, stated) in enumerate(entries):
+            path = self.root / rel
+            try:  # header check up front, so batches stay deterministic
+                frames, rate = audio_info(path)
+                if manifest is not None and frames != stated:
+                    raise DataError(f"{manifest}: states {stated} samples for {path}, the file "
+                                    f"has {frames} (rewrite it with 'data2vec prepare manifest')",
+                                    "size_mismatch")
+            except DataError as e:
+                if not skip_bad:
+                    raise
+                self.skipped[e.reason] += 1
+                self.skip_messages.append(str(e))
+                continue
+            self._check_rate(path, rate)  # a setting to fix, never skipped
+            size = frames * sample_rate // rate
             if size < min_sample_size:
                 self.skipped["short"] += 1
                 continue
@@ -198,9 +215,9 @@ class AudioDataset:
         path = Path(path).expanduser()
         manifest = path if path.is_file() else path / f"{split}.tsv"
         if manifest.is_file():
-            root, entries = read_manifest(manifest)
+            root, entries = read_manifest(manifest, check_files=not kwargs.get("skip_bad"))
             labels = _read_labels(manifest, len(entries))
-            return cls(root, entries, labels=labels, **kwargs)
+            return cls(root, entries, labels=labels, manifest=manifest, **kwargs)
         if not path.is_dir():
             raise DataError(f"audio data not found: {path}")
         if split != "train":
@@ -208,7 +225,7 @@ class AudioDataset:
                             "split only (write manifests with 'data2vec prepare manifest')")
         files = audio_files(path)
         entries = [(f.relative_to(path).as_posix(), 0) for f in files]
-        return cls(path, entries, check_headers=True, **kwargs)
+        return cls(path, entries, **kwargs)
 
     def _check_rate(self, path: Path, rate: int) -> None:
         if rate != self.sample_rate and not self.resample:
@@ -228,9 +245,9 @@ class AudioDataset:
         try:
             data, rate = sf.read(str(path), dtype="float32", always_2d=True)  # (S, C)
         except Exception as e:
-            raise DataError(f"{path}: unreadable audio ({_one_line(e)})") from None
+            raise DataError(f"{path}: unreadable audio ({_one_line(e)})", "unreadable") from None
         if data.shape[0] == 0:
-            raise DataError(f"{path}: empty audio (0 samples)")
+            raise DataError(f"{path}: empty audio (0 samples)", "empty")
         self._check_rate(path, rate)
         wave = data.mean(axis=1)  # (S,) mono
         if rate != self.sample_rate:

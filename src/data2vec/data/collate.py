@@ -14,7 +14,10 @@ repeated (no replacement: the v2 student drops masked tokens).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -26,12 +29,14 @@ from data2vec.data.audio import AudioDataset, random_crop
 from data2vec.data.images import ImageFolderDataset, Stats, train_transform
 from data2vec.data.text import TokenBlockDataset
 from data2vec.data.v2_masks import block_mask_1d, inverse_block_mask_2d, random_mask
+from data2vec.errors import DataError
 from data2vec.modalities.image import ImageMaskConfig, compute_mask
 from data2vec.modalities.speech import SpeechMaskConfig, mask_for_waveforms
 from data2vec.modalities.text import TextMaskConfig, mask_sequence
 
 # Independent random streams, so changing one kind of draw never shifts another.
 STREAM_ORDER, STREAM_CROP, STREAM_MASK, STREAM_BATCH_MASK = 0, 1, 2, 3
+T = TypeVar("T")
 
 
 def derive_seed(*keys: int) -> int:
@@ -44,6 +49,31 @@ def derive_seed(*keys: int) -> int:
 def generator(*keys: int) -> torch.Generator:
     """A CPU torch.Generator seeded by :func:`derive_seed` of `keys`."""
     return torch.Generator().manual_seed(derive_seed(*keys))
+
+
+def load_example(load: Callable[[int], T], path_of: Callable[[int], Path], index: int,
+                 size: int, skip_bad: bool, found: dict[str, tuple[str, str]]) -> T:
+    """Example `index` of a dataset of `size`; with `skip_bad`, a file that fails to load (pixel
+    data that does not decode, audio cut short) is replaced by the next one that loads, and
+    recorded in `found` as ``path -> (reason, message)``. The same failures give the same
+    replacement, so batches stay a pure function of their indices."""
+    for offset in range(size):
+        k = (index + offset) % size
+        try:
+            return load(k)
+        except DataError as e:
+            if not skip_bad:
+                raise
+            found[str(path_of(k))] = (e.reason, str(e))
+    raise DataError(f"no file of the dataset loads (every one of {size} failed, e.g. "
+                    f"{next(iter(found))})")
+
+
+def _with_skipped(batch: Batch, found: dict[str, tuple[str, str]]) -> Batch:
+    """Attach the files skipped while building `batch` (the loader counts them)."""
+    if found:
+        batch.skipped_files = found  # type: ignore[attr-defined]
+    return batch
 
 
 def pad_right(rows: list[Tensor], value: float | int) -> tuple[Tensor, Tensor | None]:
@@ -73,9 +103,18 @@ class SpeechCollator:
     clones: int = 1
     v2: V2Config | None = None
     """data2vec 2.0: exact-count span masks per example (``block_mask_1d``)."""
+    skip_bad: bool = False
+    """Replace a file that fails to load by the next one (counted) instead of failing."""
 
     def __call__(self, epoch: int, indices: list[int], batch_key: int) -> Batch:
-        waves = [self.dataset[k] for k in indices]  # each (S_k,), normalised
+        found: dict[str, tuple[str, str]] = {}
+        return _with_skipped(self._build(epoch, indices, batch_key, found), found)
+
+    def _build(self, epoch: int, indices: list[int], batch_key: int,
+               found: dict[str, tuple[str, str]]) -> Batch:
+        size = len(self.dataset)
+        waves = [load_example(self.dataset.__getitem__, self.dataset.path, k, size,
+                              self.skip_bad, found) for k in indices]  # each (S_k,), normalised
         limit = self.max_sample_size if self.max_sample_size > 0 else max(len(w) for w in waves)
         if self.crop_to_shortest:
             limit = min(limit, min(len(w) for w in waves))
@@ -119,14 +158,20 @@ class ImageCollator:
     clones: int = 1
     v2: V2Config | None = None
     """data2vec 2.0: inverse block masks (or plain exact-count ones) per example."""
+    skip_bad: bool = False
+    """Replace an image whose pixels fail to decode by the next one (counted) instead of failing."""
 
     def __call__(self, epoch: int, indices: list[int], batch_key: int) -> Batch:
-        images = [train_transform(self.dataset.load(k), self.image_size, self.crop_scale,
-                                  self.hflip, self.stats,
+        found: dict[str, tuple[str, str]] = {}
+        size = len(self.dataset)
+        images = [train_transform(load_example(self.dataset.load, self.dataset.path, k, size,
+                                               self.skip_bad, found),
+                                  self.image_size, self.crop_scale, self.hflip, self.stats,
                                   generator(self.seed, STREAM_CROP, epoch, k)) for k in indices]
         masks = [self._mask(generator(self.seed, STREAM_MASK, epoch, k)) for k in indices]
-        return Batch(source=torch.stack(images),  # (B, C, H, W)
-                     mask=torch.cat(masks))  # (B*M, N) True = masked, clones adjacent
+        return _with_skipped(Batch(source=torch.stack(images),  # (B, C, H, W)
+                                   mask=torch.cat(masks)),  # (B*M, N) True = masked
+                             found)
 
     def _mask(self, gen: torch.Generator) -> Tensor:
         """(M, N) masks of one example."""

@@ -74,22 +74,27 @@ def open_image(path: Path, in_channels: int = 3) -> Image.Image:
             image = ImageOps.exif_transpose(image)  # camera photos: apply the stored rotation
             return _convert(image, "L" if in_channels == 1 else "RGB")
     except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError, DecompressionBomb..
-        raise DataError(f"{path}: unreadable image ({_one_line(e)})") from None
+        raise DataError(f"{path}: unreadable image ({_one_line(e)})", "unreadable") from None
 
 
 def _check_not_empty(path: Path) -> None:
-    if path.stat().st_size == 0:
-        raise DataError(f"{path}: empty image file (0 bytes)")
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise DataError(f"{path}: cannot read image ({e.strerror or e})", "missing") from None
+    if size == 0:
+        raise DataError(f"{path}: empty image file (0 bytes)", "empty")
 
 
 def _probe(path: Path) -> None:
-    """Cheap validity check (header + structure) used to skip bad files up front."""
+    """Cheap validity check (header + structure) used to skip bad files up front; pixel data
+    that fails to decode later is caught by the loader (skipped with ``skip_bad``)."""
     _check_not_empty(path)
     try:
         with Image.open(path) as image:
             image.verify()
     except Exception as e:
-        raise DataError(f"{path}: unreadable image ({_one_line(e)})") from None
+        raise DataError(f"{path}: unreadable image ({_one_line(e)})", "unreadable") from None
 
 
 class ImageFolderDataset:
@@ -97,7 +102,9 @@ class ImageFolderDataset:
 
     ``targets[i]`` is the class index of file i (-1 when unlabelled), ``classes`` the sorted
     subfolder names. Empty files always fail at construction, naming the file; with `skip_bad`
-    every file is probed up front and unreadable ones are dropped (``skipped['bad']``).
+    every file is probed up front and unreadable ones are dropped, counted by reason in
+    ``skipped`` (``skip_messages`` says which and why). Pixel data that fails to decode only
+    when loaded is the collator's to skip (:mod:`data2vec.data.collate`).
     """
 
     def __init__(self, root: Path, in_channels: int = 3, skip_bad: bool = False) -> None:
@@ -123,15 +130,17 @@ class ImageFolderDataset:
         if not pairs:
             raise DataError(f"no image files under {self.root}")
         self.skipped: Counter[str] = Counter()
+        self.skip_messages: list[str] = []
         self.files: list[Path] = []
         self.targets: list[int] = []
         for path, target in pairs:
             try:
                 (_probe if skip_bad else _check_not_empty)(path)
-            except DataError:
+            except DataError as e:
                 if not skip_bad:
                     raise
-                self.skipped["bad"] += 1
+                self.skipped[e.reason] += 1
+                self.skip_messages.append(str(e))
                 continue
             self.files.append(path)
             self.targets.append(target)
@@ -140,6 +149,10 @@ class ImageFolderDataset:
 
     def __len__(self) -> int:
         return len(self.files)
+
+    def path(self, index: int) -> Path:
+        """File of example `index`."""
+        return self.files[index]
 
     def load(self, index: int) -> Image.Image:
         """Decoded image `index` in RGB or L."""

@@ -23,6 +23,8 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import shutil
 import uuid
 from collections import Counter
@@ -46,10 +48,17 @@ from data2vec.data.collate import (
 )
 from data2vec.data.demo import default_demo_dir, prepare_demo
 from data2vec.data.images import NORM_STATS, ImageFolderDataset
-from data2vec.data.text import TokenBlockDataset, is_hf_dataset, load_documents, text_files
+from data2vec.data.text import (
+    TokenBlockDataset,
+    is_hf_dataset,
+    load_documents,
+    text_files,
+    usable_text_files,
+)
 from data2vec.data.tokenizer import BPETokenizer
 from data2vec.errors import ConfigError, DataError
 
+log = logging.getLogger("data2vec")
 Plan = list[tuple[list[int], int]]  # this rank's batches: (example indices, global batch index)
 
 # ------------------------------------------------------------------------------- data and vocab --
@@ -74,25 +83,84 @@ def _tokenizer_dir(cfg: Config, data_path: Path) -> Path:
     return (first if first.is_dir() else first.parent) / "tokenizer"
 
 
+CORPUS_RECORD = "corpus.json"
+"""Beside a tokenizer trained here: the files it was trained on (a cache key, see below)."""
+
+
+def _corpus_record(candidates: list[Path], used: list[Path], vocab_size: int) -> dict[str, Any]:
+    """What a trained tokenizer depends on: every candidate file's name, size and mtime, and
+    the vocabulary size (the files actually used are kept for the reader)."""
+    def stat(path: Path) -> list[Any]:
+        info = path.stat()
+        return [path.resolve().as_posix(), info.st_size, info.st_mtime_ns]
+
+    return {"candidates": [stat(p) for p in candidates], "vocab_size": vocab_size,
+            "used": [p.resolve().as_posix() for p in used]}
+
+
+def _stale_reason(directory: Path, record: dict[str, Any]) -> str | None:
+    """Why the tokenizer cached in `directory` no longer fits the corpus, or None."""
+    path = directory / CORPUS_RECORD
+    if not path.is_file():
+        return None  # not trained here (the demo's, or one the user placed): trusted as given
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return f"{path} is unreadable"
+    if saved.get("candidates") != record["candidates"]:
+        return "the corpus files changed since it was trained"
+    if saved.get("vocab_size") != record["vocab_size"]:
+        return "data.vocab_size changed"
+    return None
+
+
 def load_or_train_tokenizer(cfg: Config, data_path: Path | None = None) -> BPETokenizer:
-    """``cfg.data.tokenizer``, else ``<data dir>/tokenizer``, else a BPE trained there now."""
+    """``cfg.data.tokenizer``, else ``<data dir>/tokenizer``, else a BPE trained there now.
+
+    A tokenizer trained here is trained only on the files that read as text (a bad one fails,
+    or with ``data.skip_bad`` is left out) and records them in ``corpus.json``; when the
+    corpus changes (a file fixed, added or removed), it is trained again, so nothing learnt
+    from a skipped or changed file survives in the cache.
+    """
     data_path = resolve_data_path(cfg) if data_path is None else data_path
     directory = _tokenizer_dir(cfg, data_path)
-    if cfg.data.tokenizer or (directory / "vocab.json").is_file():
+    if cfg.data.tokenizer:
         return BPETokenizer.load(directory)
+    record: dict[str, Any] | None = None
     if is_hf_dataset(data_path):
+        if (directory / "vocab.json").is_file():
+            return BPETokenizer.load(directory)
         docs, _ = load_documents(data_path, "train")
         corpus: Any = iter([line for doc in docs for line in doc])
     else:
-        corpus = text_files(data_path, "train")
+        candidates = text_files(data_path, "train")
+        if (directory / "vocab.json").is_file():
+            record = _corpus_record(candidates, [], cfg.data.vocab_size)
+            stale = _stale_reason(directory, record)
+            if stale is None:
+                return BPETokenizer.load(directory)
+            log.warning("retraining the tokenizer in %s: %s", directory, stale)
+        corpus, _ = usable_text_files(candidates, cfg.data.skip_bad)
+        record = _corpus_record(candidates, corpus, cfg.data.vocab_size)
     tmp = directory.with_name(f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:  # train beside, then rename, so a concurrent rank never reads half a vocabulary
         tokenizer = BPETokenizer.train(corpus, cfg.data.vocab_size, tmp)
-        with contextlib.suppress(OSError):  # another process won the race: theirs is the same
-            tmp.rename(directory)
+        if record is not None:
+            (tmp / CORPUS_RECORD).write_text(json.dumps(record, indent=1) + "\n")
+        _replace_dir(tmp, directory)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return tokenizer
+
+
+def _replace_dir(new: Path, final: Path) -> None:
+    """Move `new` to `final`, replacing an older `final` (the old one is removed after)."""
+    old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+    with contextlib.suppress(OSError):
+        final.rename(old)
+    with contextlib.suppress(OSError):  # another process won the race: theirs is the same
+        new.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def sync_text_vocab(cfg: Config, tokenizer: BPETokenizer) -> Config:
@@ -132,16 +200,21 @@ def _unchanged(batch: Batch) -> Batch:
 class PretrainLoader:
     """Endless iterator of batches with a ``(epoch, position)`` state; see the module docstring.
 
-    ``skipped`` counts examples left out (too short, unreadable with ``data.skip_bad``);
-    ``tokenizer`` is set for text.
+    ``skipped`` counts the files left out by reason (too short; with ``data.skip_bad`` missing,
+    unreadable, empty, not UTF-8, ... — up front, or when their data fails to decode mid-run);
+    ``skip_messages`` holds one line per skipped file, ``bad_files`` the files found bad while
+    loading (path -> reason, kept in checkpoints); ``tokenizer`` is set for text.
     """
 
     tokenizer: BPETokenizer | None = None
 
     def __init__(self, collator: Collator, make_plan: Callable[[int], Plan],
-                 num_workers: int = 0, skipped: Counter[str] | None = None) -> None:
+                 num_workers: int = 0, skipped: Counter[str] | None = None,
+                 skip_messages: list[str] | None = None) -> None:
         self.collator, self.make_plan, self.num_workers = collator, make_plan, num_workers
-        self.skipped: Counter[str] = skipped or Counter()
+        self.skipped: Counter[str] = Counter(skipped or {})
+        self.skip_messages: list[str] = list(skip_messages or [])
+        self.bad_files: dict[str, str] = {}
         self.epoch, self.position = 0, 0
         self._plan_epoch, self._plan = -1, []
         self._iterator: Generator[Batch, None, None] | None = None
@@ -183,7 +256,21 @@ class PretrainLoader:
     def __next__(self) -> Batch:
         if self._iterator is None:
             self._iterator = self._batches()
-        return next(self._iterator)
+        batch = next(self._iterator)
+        for path, (reason, message) in getattr(batch, "skipped_files", {}).items():
+            if path not in self.bad_files:  # each bad file counted once, however often drawn
+                self.bad_files[path] = reason
+                self.skipped[reason] += 1
+                self.skip_messages.append(message)
+                log.warning("skipped: %s", message)
+        return batch
+
+    def restore_bad_files(self, bad_files: dict[str, str]) -> None:
+        """Count the files a resumed run had found bad before its checkpoint."""
+        for path, reason in bad_files.items():
+            if path not in self.bad_files:
+                self.bad_files[path] = reason
+                self.skipped[reason] += 1
 
     def _batches(self) -> Generator[Batch, None, None]:
         while True:
@@ -257,9 +344,9 @@ def _speech_loader(cfg: Config, path: Path, split: str, rank: int,
                                      normalize=data.normalize, skip_bad=data.skip_bad)
     collator = SpeechCollator(dataset, cfg.run.seed, data.max_sample_size, data.crop_to_shortest,
                               parse_conv_spec(cfg.model.frontend.conv_spec), cfg.model.masking,
-                              _clones(cfg), _v2(cfg))
+                              _clones(cfg), _v2(cfg), data.skip_bad)
     return PretrainLoader(collator, _bucketed_batches(dataset, cfg, rank, world_size),
-                          data.num_workers, dataset.skipped)
+                          data.num_workers, dataset.skipped, dataset.skip_messages)
 
 
 def _image_loader(cfg: Config, path: Path, split: str, rank: int,
@@ -272,9 +359,10 @@ def _image_loader(cfg: Config, path: Path, split: str, rank: int,
     side = frontend.image_size // frontend.patch_size
     collator = ImageCollator(dataset, cfg.run.seed, frontend.image_size, tuple(data.crop_scale),
                              data.hflip, NORM_STATS[data.image_norm], (side, side),
-                             cfg.model.masking, _clones(cfg), _v2(cfg))
+                             cfg.model.masking, _clones(cfg), _v2(cfg), data.skip_bad)
     plan = _global_batches(len(dataset), cfg.run.seed, data.batch_size, rank, world_size)
-    return PretrainLoader(collator, plan, data.num_workers, dataset.skipped)
+    return PretrainLoader(collator, plan, data.num_workers, dataset.skipped,
+                          dataset.skip_messages)
 
 
 def _text_loader(cfg: Config, path: Path, split: str, rank: int, world_size: int,
@@ -294,7 +382,8 @@ def _text_loader(cfg: Config, path: Path, split: str, rank: int, world_size: int
                             tuple(sorted(tokenizer.special_ids)), tokenizer.vocab_size,
                             cfg.model.masking, _clones(cfg), _v2(cfg))
     plan = _global_batches(len(dataset), cfg.run.seed, data.batch_size, rank, world_size)
-    loader = PretrainLoader(collator, plan, data.num_workers, dataset.skipped)
+    loader = PretrainLoader(collator, plan, data.num_workers, dataset.skipped,
+                            dataset.skip_messages)
     loader.tokenizer = tokenizer
     return loader
 

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from data2vec.data.tokenizer import BPETokenizer
 from data2vec.errors import DataError
+from data2vec.files import read_text
 
 BREAK_MODES = ("none", "complete_doc")
 Document = list[str]  # the non-empty lines of one document
@@ -56,7 +57,13 @@ def text_files(path: str | Path, split: str = "train") -> list[Path]:
     if split != "train":
         raise DataError(f"no {split}.txt in {folder}")
     held_out = {"valid.txt", "test.txt"}
-    files = sorted(p for p in folder.rglob("*.txt") if p.name not in held_out and p.is_file())
+
+    def corpus(p: Path) -> bool:  # not the tokenizer trained beside it (merges.txt), not hidden
+        parts = p.relative_to(folder).parts
+        return (p.name not in held_out and p.is_file() and parts[0] != "tokenizer"
+                and not any(part.startswith(".") for part in parts))
+
+    files = sorted(p for p in folder.rglob("*.txt") if corpus(p))
     if not files:
         raise DataError(f"no .txt files under {folder}")
     return files
@@ -80,14 +87,33 @@ def split_documents(lines: list[str]) -> list[Document]:
 
 def read_documents(path: Path) -> list[Document]:
     """Documents of one UTF-8 text file; an empty or undecodable file -> DataError naming it."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    text = read_text(path, DataError, "text file")
     docs = split_documents(text.splitlines())
     if not docs:
-        raise DataError(f"{path}: empty text file (no non-blank line)")
+        raise DataError(f"{path}: empty text file (no non-blank line)", "empty")
     return docs
+
+
+def usable_text_files(files: list[Path], skip_bad: bool = False,
+                      messages: list[str] | None = None) -> tuple[list[Path], Counter[str]]:
+    """(files that read as text, skipped counts by reason): a bad file raises, or with
+    `skip_bad` is left out (its one-line reason appended to `messages`)."""
+    usable: list[Path] = []
+    skipped: Counter[str] = Counter()
+    for file in files:
+        try:
+            read_documents(file)
+        except DataError as e:
+            if not skip_bad:
+                raise
+            skipped[e.reason] += 1
+            if messages is not None:
+                messages.append(str(e))
+            continue
+        usable.append(file)
+    if not usable:
+        raise DataError(f"no readable text file among {len(files)} (skipped {dict(skipped)})")
+    return usable, skipped
 
 
 def hf_documents(path: Path, split: str) -> list[Document]:
@@ -110,9 +136,10 @@ def hf_documents(path: Path, split: str) -> list[Document]:
     return docs
 
 
-def load_documents(path: str | Path, split: str = "train",
-                   skip_bad: bool = False) -> tuple[list[Document], Counter[str]]:
-    """(documents, skipped counts) from .txt files or a saved HuggingFace dataset."""
+def load_documents(path: str | Path, split: str = "train", skip_bad: bool = False,
+                   messages: list[str] | None = None) -> tuple[list[Document], Counter[str]]:
+    """(documents, skipped counts by reason) from .txt files or a saved HuggingFace dataset;
+    with `skip_bad` each skipped file's one-line reason is appended to `messages`."""
     skipped: Counter[str] = Counter()
     if is_hf_dataset(Path(path).expanduser()):
         return hf_documents(Path(path).expanduser(), split), skipped
@@ -120,10 +147,12 @@ def load_documents(path: str | Path, split: str = "train",
     for file in text_files(path, split):
         try:
             docs.extend(read_documents(file))
-        except DataError:
+        except DataError as e:
             if not skip_bad:
                 raise
-            skipped["bad"] += 1
+            skipped[e.reason] += 1
+            if messages is not None:
+                messages.append(str(e))
     if not docs:
         raise DataError(f"no readable text in {path} (skipped {dict(skipped)})")
     return docs, skipped
@@ -167,17 +196,19 @@ class TokenBlockDataset:
         self.offsets = np.concatenate(([0], np.cumsum(self.sizes)))
         self.tokens = np.concatenate(blocks).astype(np.int32)
         self.skipped: Counter[str] = Counter()
+        self.skip_messages: list[str] = []
 
     @classmethod
     def from_path(cls, path: str | Path, split: str, tokenizer: BPETokenizer,
                   tokens_per_sample: int, break_mode: str = "complete_doc",
                   skip_bad: bool = False) -> TokenBlockDataset:
         """Read, tokenise and block the corpus of `split`."""
-        docs, skipped = load_documents(path, split, skip_bad)
+        messages: list[str] = []
+        docs, skipped = load_documents(path, split, skip_bad, messages)
         encoded = [encode_document(doc, tokenizer) for doc in docs]
         dataset = cls(make_blocks(encoded, tokens_per_sample, break_mode, tokenizer.bos_id,
                                   tokenizer.eos_id))
-        dataset.skipped = skipped
+        dataset.skipped, dataset.skip_messages = skipped, messages
         return dataset
 
     def __len__(self) -> int:
@@ -191,7 +222,8 @@ class TokenBlockDataset:
 def read_labelled_tsv(path: Path) -> list[tuple[str, str]]:
     """Rows ``label<TAB>text`` of a labelled text file (the demo's family task)."""
     rows = []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(read_text(path, DataError, "labelled TSV").splitlines(),
+                                  start=1):
         if not line.strip():
             continue
         label, sep, text = line.partition("\t")
@@ -205,4 +237,4 @@ def read_labelled_tsv(path: Path) -> list[tuple[str, str]]:
 
 __all__ = ["BREAK_MODES", "TokenBlockDataset", "encode_document", "hf_documents", "is_hf_dataset",
            "load_documents", "make_blocks", "read_documents", "read_labelled_tsv",
-           "split_documents", "text_files"]
+           "split_documents", "text_files", "usable_text_files"]

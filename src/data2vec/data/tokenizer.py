@@ -26,6 +26,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from data2vec.errors import DataError
+from data2vec.files import read_text
 
 BOS, PAD, EOS, UNK, MASK = "<s>", "<pad>", "</s>", "<unk>", "<mask>"
 SPECIAL_TOKENS: tuple[str, ...] = (BOS, PAD, EOS, UNK, MASK)
@@ -47,8 +48,8 @@ def _read_vocab(path: Path) -> dict[str, int]:
     if not path.is_file():
         raise DataError(f"tokenizer file not found: {path}")
     try:
-        vocab = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        vocab = json.loads(read_text(path, DataError, "JSON vocabulary"))
+    except json.JSONDecodeError as e:
         raise DataError(f"{path}: not a valid JSON vocabulary: {e}") from None
     if not isinstance(vocab, dict) or not vocab or not all(
             isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
@@ -60,10 +61,7 @@ def _read_vocab(path: Path) -> dict[str, int]:
 def _read_merges(path: Path) -> list[tuple[str, str]]:
     if not path.is_file():
         raise DataError(f"tokenizer file not found: {path}")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text: {e}") from None
+    lines = read_text(path, DataError, "BPE merges file").splitlines()
     merges = []
     for number, line in enumerate(lines, start=1):
         if not line.strip() or (number == 1 and line.startswith("#version")):
