@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from data2vec.errors import DataError
+from data2vec.files import read_text
 
 BLANK = "<blank>"
 WORD_END = "|"
@@ -119,7 +120,7 @@ class NgramLM:
         if not path.is_file():
             raise DataError(f"LM file not found: {path}")
         lm, section = cls(order=0), 0
-        for number, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        for number, raw in enumerate(read_text(path, DataError, "ARPA LM").splitlines(), start=1):
             line = raw.strip()
             if not line or line.startswith("ngram ") or line in ("\\data\\", "\\end\\"):
                 continue

@@ -32,6 +32,7 @@ from torch import Tensor
 from data2vec.batch import Batch
 from data2vec.data.collate import derive_seed, generator, pad_right
 from data2vec.errors import DataError
+from data2vec.files import read_text
 
 STREAM_FT_ORDER, STREAM_FT_AUG = 10, 11
 
@@ -124,7 +125,7 @@ def read_ltr(path: Path, split: str) -> list[str]:
     file = Path(path) / f"{split}.ltr"
     if not file.is_file():
         raise DataError(f"letter labels not found: {file}")
-    return file.read_text(encoding="utf-8").splitlines()
+    return read_text(file, DataError, "letter transcript").splitlines()
 
 
 def _audioset_labels(path: Path, split: str, files: list[str]) -> tuple[list[list[str]],
@@ -133,13 +134,13 @@ def _audioset_labels(path: Path, split: str, files: list[str]) -> tuple[list[lis
     if not table.is_file():
         return None
     by_id: dict[str, list[str]] = {}
-    with open(table, encoding="utf-8") as f:
-        for row in csv.reader(f, skipinitialspace=True):
-            if not row or row[0].startswith("#"):
-                continue
-            if len(row) < 4:
-                raise DataError(f"{table}: expected 'YTID, start, end, \"labels\"', got {row}")
-            by_id[row[0]] = [x for x in row[3].split(",") if x]
+    for row in csv.reader(read_text(table, DataError, "label CSV").splitlines(),
+                          skipinitialspace=True):
+        if not row or row[0].startswith("#"):
+            continue
+        if len(row) < 4:
+            raise DataError(f"{table}: expected 'YTID, start, end, \"labels\"', got {row}")
+        by_id[row[0]] = [x for x in row[3].split(",") if x]
     labels = []
     for rel in files:
         stem = Path(rel).stem
@@ -148,8 +149,8 @@ def _audioset_labels(path: Path, split: str, files: list[str]) -> tuple[list[lis
         labels.append(by_id[stem])
     index_file = Path(path) / "class_labels_indices.csv"
     if index_file.is_file():
-        with open(index_file, encoding="utf-8") as f:
-            rows = [r for r in csv.reader(f) if r and r[0] != "index"]
+        text = read_text(index_file, DataError, "class index CSV")
+        rows = [r for r in csv.reader(text.splitlines()) if r and r[0] != "index"]
         classes = [r[1] for r in sorted(rows, key=lambda r: int(r[0]))]
     else:
         classes = sorted({x for row in labels for x in row})
@@ -236,7 +237,7 @@ def read_glue(path: Path, task: str, split: str) -> tuple[list[tuple[str, str | 
     file = Path(path) / ("train.tsv" if split == "train" else valid_file)
     if not file.is_file():
         raise DataError(f"GLUE {task}: file not found: {file}")
-    lines = file.read_text(encoding="utf-8").splitlines()
+    lines = read_text(file, DataError, "GLUE TSV").splitlines()
     rows = [line.split("\t") for line in lines if line.strip()]
     names = rows[0] if header else []
     if header:

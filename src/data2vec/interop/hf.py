@@ -17,6 +17,7 @@ make export fail with a :class:`~data2vec.errors.ConfigError` naming the option.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from torch import Tensor
 from data2vec.build import build_model
 from data2vec.config import Config, config_from_dict, load_config, to_dict
 from data2vec.errors import CheckpointError, ConfigError
+from data2vec.files import read_text
 from data2vec.interop.common import ImportReport, check_keys, load_our_model, write_checkpoint
 from data2vec.interop.hf_tasks import detect_task, head_from_hf, split_head, write_task_run
 from data2vec.interop.safe_unpickle import load_checkpoint_file
@@ -648,16 +650,38 @@ def _read_config(directory: Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"{directory}: no config.json")
     try:
-        return json.loads(path.read_text())
+        data = json.loads(read_text(path, CheckpointError, "JSON config"))
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object (a HuggingFace config), got "
+                              f"{type(data).__name__}")
+    return data
+
+
+@contextlib.contextmanager
+def _config_errors(directory: Path) -> Iterator[None]:
+    """A key missing from config.json, or a value of the wrong type or form, becomes one line
+    naming the file and the key (HF configs are read as plain dicts)."""
+    path = directory / "config.json"
+    try:
+        yield
+    except KeyError as e:
+        raise ConfigError(f"{path}: missing key {e.args[0]!r}, which a HuggingFace data2vec "
+                          "config has") from None
+    except (TypeError, ValueError, AttributeError) as e:
+        raise ConfigError(f"{path}: a value has the wrong type or form ({e})") from None
+    except ConfigError as e:
+        message = str(e)
+        raise ConfigError(message if str(path) in message else f"{path}: {message}") from None
 
 
 def model_from_hf_dir(directory: Path) -> tuple[Config, Data2Vec, ImportReport]:
     """Our model built from a local HF data2vec directory."""
     hf_cfg = _read_config(directory)
     report = ImportReport(source=f"HF {directory}")
-    cfg = config_from_hf(hf_cfg, report.notes)
+    with _config_errors(directory):
+        cfg = config_from_hf(hf_cfg, report.notes)
     probe = build_model(cfg)
     student = from_hf_state_dict(cfg, read_hf_weights(directory), probe, str(directory),
                                  report.notes)
@@ -669,19 +693,22 @@ def import_hf(name: str | Path, out: str | Path) -> tuple[Path, ImportReport]:
     for a base model, a fine-tuning run for a task model (see :mod:`.hf_tasks`)."""
     directory = resolve_hf_dir(name)
     hf_cfg = _read_config(directory)
-    task = detect_task(hf_cfg)
+    with _config_errors(directory):
+        task = detect_task(hf_cfg)
     if task is None:
         cfg, model, report = model_from_hf_dir(directory)
         report.source = f"HF {name}"
         return write_checkpoint(out, cfg, model, report), report
     report = ImportReport(source=f"HF {name}")
-    cfg = config_from_hf(hf_cfg, report.notes)
+    with _config_errors(directory):
+        cfg = config_from_hf(hf_cfg, report.notes)
     weights = read_hf_weights(directory)
     head = split_head(task, weights)
     student = from_hf_state_dict(cfg, weights, build_model(cfg), str(directory), report.notes)
-    ours, labels = head_from_hf(task, head, hf_cfg, directory, report.notes)
-    return write_task_run(Path(out), task, cfg, student, ours, labels, hf_cfg, directory,
-                          report), report
+    with _config_errors(directory):
+        ours, labels = head_from_hf(task, head, hf_cfg, directory, report.notes)
+        return write_task_run(Path(out), task, cfg, student, ours, labels, hf_cfg, directory,
+                              report), report
 
 
 __all__ = ["Entry", "build_hf_model", "config_from_hf", "export_hf", "from_hf_state_dict",

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from data2vec.config import Config, to_dict
 from data2vec.errors import CheckpointError, ConfigError
+from data2vec.files import read_text
 from data2vec.interop.common import ImportReport, check_keys
 from data2vec.train.checkpoint import save_checkpoint
 
@@ -80,7 +81,12 @@ def _ctc_head(head: dict[str, Tensor], hf_cfg: dict[str, Any], directory: Path,
     if not path.is_file():
         raise CheckpointError(f"{directory}: a Data2VecAudioForCTC directory needs vocab.json "
                               "(the CTC letters) to be imported")
-    vocab = json.loads(path.read_text())
+    try:
+        vocab = json.loads(read_text(path, CheckpointError, "JSON vocabulary"))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(vocab, dict) or not vocab:
+        raise CheckpointError(f"{path}: expected a JSON object mapping letters to ids")
     if isinstance(vocab, dict) and len(vocab) == 1 and isinstance(next(iter(vocab.values())),
                                                                    dict):
         vocab = next(iter(vocab.values()))  # multilingual layout {"lang": {symbol: id}}
