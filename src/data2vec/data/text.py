@@ -112,7 +112,9 @@ def usable_text_files(files: list[Path], skip_bad: bool = False,
             continue
         usable.append(file)
     if not usable:
-        raise DataError(f"no readable text file among {len(files)} (skipped {dict(skipped)})")
+        where = f" ({files[0].parent})" if files else ""
+        raise DataError(f"no readable text file among {len(files)}{where}; skipped "
+                        f"{dict(skipped)}")
     return usable, skipped
 
 

@@ -491,7 +491,10 @@ def model_from_fairseq(path: str | Path) -> tuple[Config, StudentTeacher, Import
     source = str(path)
     sd, cfg_dict, ckpt = read_fairseq(path)
     report = ImportReport(source=f"fairseq {source}")
-    kind = detect_format(sd)
+    try:
+        kind = detect_format(sd)
+    except CheckpointError as e:
+        raise CheckpointError(f"{source}: {e}") from None
     if kind == "audio":
         cfg, tensors = _import_audio(sd, cfg_dict, source, report)
     elif kind == "text":

@@ -140,11 +140,14 @@ class Trainer:
             return "no checkpoint of this run is on disk yet"
         return f"the newest finite checkpoint is {newest} (--resume continues from it)"
 
-    def read_checkpoint(self, checkpoint: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    def read_checkpoint(self, checkpoint: Path, state: dict[str, Any] | None = None
+                        ) -> tuple[dict[str, Any], dict[str, Any]]:
         """(state, weights) of `checkpoint`, checked to fit this run (modality, version, weight
-        and optimizer-state shapes) without changing anything: a misfit raises here."""
-        state = ckpt.load_state(checkpoint)  # first: a bad state file stops before any weights
-        _check_state(state, self.cfg, checkpoint)
+        and optimizer-state shapes) without changing anything: a misfit raises here. `state`:
+        the checkpoint's state if already read."""
+        if state is None:
+            state = ckpt.load_state(checkpoint)  # first: a bad state file stops before weights
+        check_resume_state(state, self.cfg, checkpoint)
         weights = ckpt.load_weights(checkpoint)
         ckpt.check_keys(weights, unwrap(self.model).state_dict(),
                         f"{checkpoint} does not fit the model")
@@ -264,12 +267,15 @@ class Trainer:
         why = ("run.nonfinite=stop" if run.nonfinite == "stop" else
                f"{self._consecutive_skips} updates in a row, run.max_consecutive_skips="
                f"{run.max_consecutive_skips}")
-        # The weights are those of the last finite update; no older checkpoint is pruned for
-        # it (the update before a divergence may already have been a bad one).
+        # The weights are those of the last finite update. No older checkpoint is pruned for
+        # it: when the losses were non-finite, that last update may itself have been the bad one.
         path = self.save(prune=False)
+        older = [p for p in ckpt.list_checkpoints(self.ckpt_root) if p != path]
+        fallback = (f"; if it diverges again, delete it and --resume continues from {older[-1]}"
+                    if older and what == "loss" else "")
         raise TrainingError(f"{where} ({why}); the last finite state (step {self.step}) is "
-                            f"saved in {path}, earlier checkpoints kept: lower optim.lr or set "
-                            "optim.clip_norm, then --resume")
+                            f"saved in {path}: lower optim.lr or set optim.clip_norm, then "
+                            f"--resume{fallback}")
 
     # --------------------------------------------------------------- signals
     def _on_signal(self, signum: int, frame: Any) -> None:
@@ -373,7 +379,7 @@ class Trainer:
                                 f"state saved to {path} (run.abort_on_collapse=true)")
 
 
-def _check_state(state: dict[str, Any], cfg: Config, checkpoint: Path) -> None:
+def check_resume_state(state: dict[str, Any], cfg: Config, checkpoint: Path) -> None:
     """A resumed checkpoint must hold this run's modality and version, and a step count."""
     for key in ("step", "optimizer", "rng", "data"):
         if key not in state:

@@ -15,7 +15,7 @@ from data2vec.files import read_text
 from data2vec.train import checkpoint as ckpt
 from data2vec.train.distributed import barrier, init_distributed, shutdown, wrap_ddp
 from data2vec.train.logging import setup_console_logging
-from data2vec.train.loop import Trainer
+from data2vec.train.loop import Trainer, check_resume_state
 from data2vec.train.optim import build_optimizer
 from data2vec.train.rundir import RunLock, check_run_dir, clear_run
 
@@ -83,13 +83,17 @@ def pretrain(cfg: Config, run_dir: Path, resume: bool = False, init: Path | None
             torch.set_num_threads(cfg.run.threads)
         if info.is_main:
             check_run_dir(run_dir, resume, overwrite)  # before any work: fails fast
+        checkpoint = ckpt.latest_checkpoint(run_dir / "checkpoints") if resume else None
+        if resume and checkpoint is None:
+            raise CheckpointError(f"--resume: no checkpoint under {run_dir / 'checkpoints'}")
+        state = ckpt.load_state(checkpoint) if checkpoint is not None else None
+        if state is not None:  # another modality or version: said before any data is touched
+            check_resume_state(state, cfg, checkpoint)
+        if info.is_main:
             prepare_data(cfg)  # demo preparation and tokenizer training happen once
         barrier()
         if not info.is_main:
             prepare_data(cfg)
-        checkpoint = ckpt.latest_checkpoint(run_dir / "checkpoints") if resume else None
-        if resume and checkpoint is None:
-            raise CheckpointError(f"--resume: no checkpoint under {run_dir / 'checkpoints'}")
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         model = build_model(cfg).to(info.device)
         optimizer = build_optimizer(model, cfg.optim)
@@ -98,7 +102,7 @@ def pretrain(cfg: Config, run_dir: Path, resume: bool = False, init: Path | None
         trainer = Trainer(cfg, run_dir, wrap_ddp(model, info, find_unused), optimizer, batches,
                           info)
         # Everything is read and checked before the run directory is touched.
-        loaded = trainer.read_checkpoint(checkpoint) if checkpoint is not None else None
+        loaded = trainer.read_checkpoint(checkpoint, state) if checkpoint is not None else None
         init_weights = None
         if checkpoint is None and init is not None:
             source = ckpt.find_checkpoint(init)
