@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,3 +94,68 @@ def test_unknown_preset_lists_available(tmp_path: Path) -> None:
     bad.write_text("model: [1, 2\n")
     with pytest.raises(ConfigError, match="bad.yaml"):
         load_config("speech", "tiny", config_file=bad)
+
+
+# ------------------------------------------------------------------- every field range-checked
+
+ANY_INTEGER = {"run.seed"}  # every integer is a valid seed
+
+
+def _numeric_leaves(cfg: Config) -> list[tuple[str, object]]:
+    from data2vec.config import _leaves
+
+    return [(key, value) for key, value in _leaves(cfg, "")
+            if isinstance(value, int | float) and not isinstance(value, bool)
+            and key != "version"]
+
+
+def _override(cfg: Config, key: str, bad: str) -> str:
+    """`key=bad`, or for one item of a tuple field the whole tuple with that item replaced."""
+    if "[" not in key:
+        return f"{key}={bad}"
+    name, index = key[:-1].split("[")
+    from data2vec.config import _leaves
+
+    items = [str(v) for k, v in _leaves(cfg, "") if k.startswith(f"{name}[")]
+    items[int(index)] = bad
+    return f"{name}=[{', '.join(items)}]"
+
+
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("modality", MODALITIES)
+def test_every_numeric_field_refuses_nan_and_absurd_values(modality: str, version: int) -> None:
+    """No numeric field accepts NaN, infinity or -10⁹ (a rate, size, count, interval,
+    probability or lr out of range): the error names the key, when the config is loaded."""
+    cfg = load_config(modality, "tiny", version)
+    leaves = _numeric_leaves(cfg)
+    assert len(leaves) > 50
+    for key, value in leaves:
+        short = key.split(".")[-1].split("[")[0]
+        candidates = [".nan", "-.inf", "-1000000000"] if isinstance(value, float) else [
+            "-1000000000"]
+        if key in ANY_INTEGER:
+            continue
+        for bad in candidates:
+            with pytest.raises(ConfigError, match=short) as error:
+                load_config(modality, "tiny", version, overrides=[_override(cfg, key, bad)])
+            assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("override,key", [
+    ("optim.lr=0", "optim.lr"), ("optim.lr=-1e-3", "optim.lr"), ("optim.lr=nan", "optim.lr"),
+    ("model.encoder.dropout=1.0", "model.encoder.dropout"),
+    ("model.masking.mask_ratio=1.5", "model.masking.mask_ratio"),
+    ("data.batch_size=0", "data.batch_size"), ("run.checkpoint_every=0", "run.checkpoint_every"),
+    ("optim.warmup_fraction=2", "optim.warmup_fraction"),
+    ("optim.final_lr_scale=0", "optim.final_lr_scale"),
+    ("data.crop_scale=[0.5, 0.2]", "data.crop_scale"), ("optim.min_lr=1", "optim.min_lr")])
+def test_values_out_of_range_fail_at_load_naming_the_key(override: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        load_config("image", "tiny", overrides=[override])
+
+
+def test_string_fields_take_override_values_literally() -> None:
+    cfg = load_config("image", "tiny", overrides=["data.path=ok #2", "data.tokenizer=2024",
+                                                  "data.demo_dir=[a, b]"])
+    assert (cfg.data.path, cfg.data.tokenizer, cfg.data.demo_dir) == ("ok #2", "2024", "[a, b]")
+    assert parse_overrides(["data.path=ok #2"]) == {"data": {"path": "ok"}}  # plain YAML

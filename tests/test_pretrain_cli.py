@@ -108,3 +108,23 @@ def test_init_continues_from_another_checkpoint(tmp_path: Path) -> None:
     assert sum(1 for k in b if k.startswith("encoder.blocks.") and k.endswith("norm1.weight")) == 3
     assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-9)
                for k in a if k.startswith(("encoder.", "frontend.")))
+
+
+@pytest.mark.parametrize("folder", ["ok #2", "2024", "[x]: y"])
+def test_data_paths_are_taken_literally(folder: str, tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """--data is a path, never YAML: 'ok #2' is not 'ok', '2024' is not a number."""
+    import yaml
+    from PIL import Image
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ok").mkdir()  # what YAML would have made of 'ok #2': must not be used
+    for i in range(4):
+        Image.new("RGB", (32, 32), (40 * i, 90, 200)).save(tmp_path / "ok" / f"{i}.png")
+    (tmp_path / folder).mkdir()
+    for i in range(4):
+        Image.new("RGB", (32, 32), (10, 60 * i, 90)).save(tmp_path / folder / f"{i}.png")
+    assert main(["pretrain", "--modality", "image", "--data", folder, "--out", "run",
+                 "--max-steps", "1", "data.batch_size=2", *FAST]) == 0
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["data"]["path"] == folder
