@@ -65,7 +65,7 @@ def pretrain_tiny(modality: str, steps: int, run_dir: Path, threads: int) -> flo
                  f"run.checkpoint_every={steps}"]
     cfg = load_config(modality, "tiny", 1, None, overrides)
     start = time.perf_counter()
-    pretrain(cfg, run_dir)
+    pretrain(cfg, run_dir, overwrite=True)  # a re-run of the study replaces its runs
     return time.perf_counter() - start
 
 
