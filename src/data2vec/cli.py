@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from pathlib import Path
@@ -111,6 +112,8 @@ def _stopped(signum: int, step: int, out: Path, cfg: Config) -> int:
     name = signal.Signals(signum).name
     version = f" --version {cfg.version}" if cfg.version != 1 else ""
     where = latest_checkpoint(out / "checkpoints")
+    if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 says it for everyone
+        return 130 if signum == signal.SIGINT else 0
     print(f"stopped by {name} after step {step}: checkpoint {where}; continue with: "
           f"data2vec pretrain --modality {cfg.modality}{version} --out {out} --resume",
           file=sys.stderr)

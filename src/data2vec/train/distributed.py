@@ -69,6 +69,13 @@ def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+def any_rank(flag: bool, device: torch.device | None = None) -> bool:
+    """True when `flag` is set on any rank (a collective: every rank must call it)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    return bool(all_reduce_sum(torch.tensor(float(flag), device=device)).item() > 0)
+
+
 def barrier() -> None:
     """Wait for every rank (no-op alone)."""
     if dist.is_initialized():

@@ -348,7 +348,7 @@ class Trainer:
             bar.close()
             if writer is not None:
                 writer.close()
-        if self.stopped_by is not None:
+        if self.stopped_by is not None and self.info.is_main:
             log.warning("stopped by %s after step %d; checkpoint %s",
                         signal.Signals(self.stopped_by).name, self.step, self.last_checkpoint)
         return last

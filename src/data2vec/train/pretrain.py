@@ -10,10 +10,10 @@ import yaml
 
 from data2vec.build import build_model
 from data2vec.config import Config, config_from_dict, to_dict
-from data2vec.errors import CheckpointError, ConfigError
+from data2vec.errors import CheckpointError, ConfigError, Data2VecError
 from data2vec.files import read_text
 from data2vec.train import checkpoint as ckpt
-from data2vec.train.distributed import barrier, init_distributed, shutdown, wrap_ddp
+from data2vec.train.distributed import any_rank, init_distributed, shutdown, wrap_ddp
 from data2vec.train.logging import setup_console_logging
 from data2vec.train.loop import Trainer, check_resume_state
 from data2vec.train.optim import build_optimizer
@@ -81,17 +81,21 @@ def pretrain(cfg: Config, run_dir: Path, resume: bool = False, init: Path | None
     try:
         if cfg.run.threads > 0:
             torch.set_num_threads(cfg.run.threads)
-        if info.is_main:
-            check_run_dir(run_dir, resume, overwrite)  # before any work: fails fast
+        check_run_dir(run_dir, resume, overwrite)  # every rank, before any work: fails fast
         checkpoint = ckpt.latest_checkpoint(run_dir / "checkpoints") if resume else None
         if resume and checkpoint is None:
             raise CheckpointError(f"--resume: no checkpoint under {run_dir / 'checkpoints'}")
         state = ckpt.load_state(checkpoint) if checkpoint is not None else None
         if state is not None:  # another modality or version: said before any data is touched
             check_resume_state(state, cfg, checkpoint)
-        if info.is_main:
-            prepare_data(cfg)  # demo preparation and tokenizer training happen once
-        barrier()
+        failed: Data2VecError | None = None
+        if info.is_main:  # demo preparation and tokenizer training happen once
+            try:
+                prepare_data(cfg)
+            except Data2VecError as e:
+                failed = e
+        if any_rank(failed is not None, info.device):  # the other ranks stop too, in one line
+            raise failed or Data2VecError("rank 0 could not prepare the data (its error says why)")
         if not info.is_main:
             prepare_data(cfg)
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
