@@ -53,3 +53,15 @@ def test_map_matches_sklearn_with_ties() -> None:
     for c in range(5):
         assert math.isclose(metrics.average_precision(labels[:, c], scores[:, c]),
                             average_precision_score(labels[:, c], scores[:, c]), rel_tol=1e-9)
+
+
+def test_undefined_cases_follow_the_documented_conventions() -> None:
+    y = np.array([0, 0, 1, 1])
+    assert metrics.pearson(y, np.ones(4)) == 0.0 and metrics.spearman(np.ones(4), y) == 0.0
+    assert metrics.f1_binary(np.zeros(4), np.zeros(4)) == 0.0  # no positive anywhere
+    assert math.isnan(metrics.average_precision(np.zeros(4), np.arange(4.0)))
+    # a class without positives is left out of the mean, as AudioSet's mAP does
+    labels = np.array([[1, 0], [0, 0], [1, 0]])
+    scores = np.array([[0.9, 0.1], [0.2, 0.5], [0.8, 0.3]])
+    assert metrics.mean_average_precision(labels, scores) == 1.0
+    assert metrics.accuracy(np.array([]), np.array([])) == 0.0

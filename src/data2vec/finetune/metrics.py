@@ -1,8 +1,9 @@
 """Evaluation metrics of the fine-tuning tasks: WER/CER, accuracy, top-k, MCC, F1, correlations,
 and mean average precision (AudioSet mAP).
 
-Pure functions of numpy arrays / strings, so tests can compare them with hand computations and
-scikit-learn. WER and CER come from ``jiwer``.
+Pure functions of numpy arrays / strings. WER and CER come from ``jiwer``; accuracy, MCC, F1 and
+average precision from scikit-learn; Pearson and Spearman from scipy. The wrappers only fix the
+conventions (undefined -> 0 or nan, as each docstring says) and the GLUE / AudioSet choices.
 
 Example::
 
@@ -47,8 +48,10 @@ def char_error_rate(references: list[str], hypotheses: list[str]) -> float:
 
 
 def accuracy(labels: np.ndarray, predictions: np.ndarray) -> float:
-    """Fraction of exact matches."""
-    return float(np.mean(np.asarray(labels) == np.asarray(predictions))) if len(labels) else 0.0
+    """Fraction of exact matches (0 for no examples)."""
+    from sklearn.metrics import accuracy_score
+
+    return float(accuracy_score(labels, predictions)) if len(labels) else 0.0
 
 
 def top_k_accuracy(labels: np.ndarray, logits: np.ndarray, k: int) -> float:
@@ -59,58 +62,49 @@ def top_k_accuracy(labels: np.ndarray, logits: np.ndarray, k: int) -> float:
 
 
 def matthews_corrcoef(labels: np.ndarray, predictions: np.ndarray) -> float:
-    """Binary MCC = (TP·TN − FP·FN) / sqrt((TP+FP)(TP+FN)(TN+FP)(TN+FN)); 0 when undefined."""
-    y, p = np.asarray(labels).astype(bool), np.asarray(predictions).astype(bool)
-    tp, tn = float(np.sum(y & p)), float(np.sum(~y & ~p))
-    fp, fn = float(np.sum(~y & p)), float(np.sum(y & ~p))
-    denom = math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
-    return (tp * tn - fp * fn) / denom if denom > 0 else 0.0
+    """Matthews correlation (CoLA's metric); 0 when undefined (scikit-learn's convention)."""
+    from sklearn.metrics import matthews_corrcoef as mcc
+
+    return float(mcc(labels, predictions))
 
 
 def f1_binary(labels: np.ndarray, predictions: np.ndarray) -> float:
-    """F1 of the positive class (label 1)."""
-    y, p = np.asarray(labels).astype(bool), np.asarray(predictions).astype(bool)
-    tp = float(np.sum(y & p))
-    denom = 2 * tp + float(np.sum(~y & p)) + float(np.sum(y & ~p))
-    return 2 * tp / denom if denom > 0 else 0.0
+    """F1 of the positive class (label 1) (MRPC / QQP); 0 when there is no positive at all."""
+    from sklearn.metrics import f1_score
+
+    return float(f1_score(np.asarray(labels).astype(int), np.asarray(predictions).astype(int),
+                          pos_label=1, average="binary", zero_division=0.0))
+
+
+def _constant(x: np.ndarray) -> bool:
+    return len(x) < 2 or bool(np.all(x == x[0]))
 
 
 def pearson(x: np.ndarray, y: np.ndarray) -> float:
-    """Pearson correlation; 0 when either side is constant."""
+    """Pearson correlation (STS-B); 0 when either side is constant (undefined)."""
+    from scipy.stats import pearsonr
+
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    xc, yc = x - x.mean(), y - y.mean()
-    denom = math.sqrt(float(np.sum(xc**2) * np.sum(yc**2)))
-    return float(np.sum(xc * yc) / denom) if denom > 0 else 0.0
-
-
-def _ranks(x: np.ndarray) -> np.ndarray:
-    """Average ranks (ties share the mean rank), as Spearman needs."""
-    from scipy.stats import rankdata
-
-    return rankdata(x)
+    return 0.0 if _constant(x) or _constant(y) else float(pearsonr(x, y).statistic)
 
 
 def spearman(x: np.ndarray, y: np.ndarray) -> float:
-    """Spearman rank correlation (Pearson of average ranks)."""
-    return pearson(_ranks(np.asarray(x)), _ranks(np.asarray(y)))
+    """Spearman rank correlation (STS-B); 0 when either side is constant (undefined)."""
+    from scipy.stats import spearmanr
+
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    return 0.0 if _constant(x) or _constant(y) else float(spearmanr(x, y).statistic)
 
 
 def average_precision(labels: np.ndarray, scores: np.ndarray) -> float:
-    """AP of one class: mean over positives of the precision at their rank (ties: a whole tied
-    group is counted at once, as scikit-learn's ``average_precision_score``); nan without
-    positives."""
+    """AP of one class (scikit-learn's ``average_precision_score``: a tied group of scores is one
+    threshold); nan without positives, where AP is undefined."""
+    from sklearn.metrics import average_precision_score
+
     y = np.asarray(labels).astype(bool)
     if not y.any():
         return float("nan")
-    s = np.asarray(scores, dtype=np.float64)
-    order = np.argsort(-s, kind="mergesort")
-    s, y = s[order], y[order]
-    # thresholds at the last index of every distinct score
-    last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]
-    tp = np.cumsum(y)[last]
-    precision = tp / (last + 1)
-    recall_step = np.diff(np.r_[0, tp]) / y.sum()
-    return float(np.sum(precision * recall_step))
+    return float(average_precision_score(y, np.asarray(scores, dtype=np.float64)))
 
 
 def mean_average_precision(labels: np.ndarray, scores: np.ndarray) -> float:
