@@ -39,9 +39,9 @@ def _last_json(out: str) -> dict[str, float]:
 
 def _finetune_then_evaluate(args: list[str], run: Path, capsys: pytest.CaptureFixture,
                             eval_args: tuple[str, ...] = ()) -> tuple[dict, dict]:
-    assert main(["finetune", *args, "--out", str(run), *TINY]) == 0
+    assert main(["finetune", *args, "--out", str(run), "--json", *TINY]) == 0
     trained = _last_json(capsys.readouterr().out)
-    assert main(["evaluate", str(run), "--split", "valid", *eval_args]) == 0
+    assert main(["evaluate", str(run), "--split", "valid", "--json", *eval_args]) == 0
     return trained, _last_json(capsys.readouterr().out)
 
 
@@ -86,7 +86,7 @@ def test_speech_recognition_greedy_and_lm_beam(tmp_path: Path, demo_home: Path,
     assert trained["train_examples"] < 24  # 0.3 minutes of the 24 training clips
     assert scored["wer"] == pytest.approx(trained["wer"], abs=1e-6)
     assert main(["evaluate", str(tmp_path / "asr"), "--split", "valid", "--beam", "4", "--lm",
-                 "train"]) == 0
+                 "train", "--json"]) == 0
     beam = _last_json(capsys.readouterr().out)
     assert math.isfinite(beam["wer"]) and math.isfinite(beam["cer"])
     arpa = (tmp_path / "asr" / "train.2gram.arpa").read_text()

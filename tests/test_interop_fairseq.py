@@ -137,7 +137,10 @@ def test_cli_import_writes_a_checkpoint_our_loader_reads(tmp_path: Path, capsys)
                  str(tmp_path / "ck")]) == 0
     assert "note:" in capsys.readouterr().out  # the shared embeddings of the teacher are named
     cfg, model = load_our_model(tmp_path / "ck")
-    state = torch.load(tmp_path / "ck" / "state.pt", weights_only=True)
+    # the run layout every import shares (config.yaml + checkpoints/step-0000000)
+    assert (tmp_path / "ck" / "config.yaml").is_file()
+    state = torch.load(tmp_path / "ck" / "checkpoints" / "step-0000000" / "state.pt",
+                       weights_only=True)
     assert state["step"] == 0 and state["config"]["modality"] == "text"
     ref = _refs("text_v1")
     with torch.no_grad():

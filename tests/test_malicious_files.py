@@ -185,3 +185,4 @@ def test_every_command_that_reads_a_file_refuses_it_in_one_line(
     assert err.startswith("data2vec: error:") and "\n" not in err, err
     assert not sentinel.exists()
     assert not (tmp_path / "out" / "model.safetensors").exists()
+    assert not (tmp_path / "out" / "checkpoints").exists()

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+from torch import nn
+
 from data2vec.config import Config, ModelConfig
 from data2vec.modalities.base import FrontEnd
 from data2vec.nn.transformer import TransformerEncoder
 from data2vec.objective.data2vec import Data2Vec
+
+if TYPE_CHECKING:  # the fine-tuning package imports this module
+    from data2vec.finetune.models import FineTuneModel
 
 
 def build_frontend(modality: str, model_cfg: ModelConfig) -> FrontEnd:
@@ -31,3 +38,24 @@ def build_model(cfg: Config) -> Data2Vec:
 
         return Data2VecV2(frontend, encoder, cfg.model)
     return Data2Vec(frontend, encoder, cfg.model.objective)
+
+
+def build_alibi(cfg: Config) -> nn.Module | None:
+    """data2vec 2.0 speech: the ALiBi bias module the encoder attends with (else None)."""
+    if cfg.version == 2 and cfg.model.v2.alibi:
+        from data2vec.objective.data2vec2 import AlibiBias
+
+        return AlibiBias(cfg.model.encoder.num_heads)
+    return None
+
+
+def build_task_model(cfg: Config, task: str, num_outputs: int, pooling: str = "mean",
+                     dropout: float = 0.0) -> FineTuneModel:
+    """A fine-tuned model's architecture (front-end, transformer, ALiBi, task head), freshly
+    initialised: what a fine-tuned checkpoint or an imported HF task model is loaded into."""
+    from data2vec.finetune.models import FineTuneModel
+
+    frontend = build_frontend(cfg.modality, cfg.model)
+    encoder = build_encoder(cfg.model, frontend)
+    return FineTuneModel(frontend, encoder, task, num_outputs, pooling, dropout,  # type: ignore
+                         build_alibi(cfg))

@@ -1,4 +1,5 @@
-"""The ``data2vec`` command line: pretrain | prepare | plot, plus fine-tuning and interop."""
+"""The ``data2vec`` command line: pretrain | prepare | plot | extract, plus fine-tuning and
+interop (finetune | evaluate | export | import)."""
 
 from __future__ import annotations
 
@@ -9,30 +10,67 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from data2vec import __version__
 from data2vec.errors import Data2VecError
+from data2vec.runtime import say
 
 if TYPE_CHECKING:
     from data2vec.config import Config
 
 DEFAULT_RUNS = Path("runs")
 OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
+DEVICE_HELP = "auto | cpu | cuda | mps; auto = CUDA when available, else CPU (default auto)"
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's help ends with its default (unless the text already says it)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) \
+                or not action.option_strings:
+            return text
+        return f"{text} (default {action.default})"
+
+
+def version_text() -> str:
+    """`data2vec --version`: ours and the libraries that decide numerics."""
+    import platform
+
+    try:
+        from importlib.metadata import version
+
+        torch_version = version("torch")
+    except Exception:  # noqa: BLE001 - a broken install still reports our version
+        torch_version = "?"
+    return (f"data2vec {__version__} (torch {torch_version}, Python "
+            f"{platform.python_version()})")
 
 
 def _pretrain_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--modality", required=True, choices=["speech", "image", "text"])
+    p.add_argument("--modality", required=True, choices=["speech", "image", "text"],
+                   help="what to pre-train on (required)")
     p.add_argument("--preset", default="tiny", help="tiny | base | large (default tiny)")
-    p.add_argument("--version", type=int, default=1, choices=[1, 2])
-    p.add_argument("--config", help="YAML file merged over the preset")
+    p.add_argument("--version", type=int, default=1, choices=[1, 2],
+                   help="data2vec 1.0 or 2.0")
+    p.add_argument("--config", help="YAML file merged over the preset (default: none)")
     p.add_argument("--data", help="data directory / manifest (default: the demo data)")
     p.add_argument("--out", type=Path, help="run directory (default runs/<modality>-v<V>-<preset>)")
-    p.add_argument("--max-steps", type=int, help="optimizer updates (run.max_steps)")
-    p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    p.add_argument("--max-steps", type=int,
+                   help="optimizer updates (run.max_steps; default: the preset's)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the run's last checkpoint (default: start anew)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the run already in --out (default: refuse to touch it)")
     p.add_argument("--init", type=Path,
                    help="start from this checkpoint's weights and architecture "
-                   "(e.g. one written by `data2vec import`)")
-    p.add_argument("--skip-bad", action="store_true", help="skip unreadable files and count them")
+                   "(e.g. one written by `data2vec import`; default: random weights)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip unreadable files and count them (default: fail on the first)")
+    p.add_argument("--device", help=DEVICE_HELP)
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config as YAML and exit without training "
+                   "(default: off)")
     p.add_argument("overrides", nargs="*", metavar="key.path=value",
                    help="dotted config overrides, e.g. model.encoder.depth=6 optim.lr=1e-3")
 
@@ -50,6 +88,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         overrides.append(f"run.max_steps={args.max_steps}")
     if args.skip_bad:
         overrides.append("data.skip_bad=true")
+    if args.device:
+        overrides.append(f"run.device={args.device}")
     out = args.out or DEFAULT_RUNS / f"{args.modality}-v{args.version}-{args.preset}"
     cfg = load_config(args.modality, args.preset, args.version, args.config, overrides)
     if args.data is not None:  # a path, taken literally (never parsed as YAML)
@@ -62,19 +102,24 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     if args.resume:
         cfg = _resumed_config(cfg, saved_config(out), out, overrides)
     validate(cfg)
-    if cfg.version == 2:
-        try:
-            import data2vec.objective.data2vec2  # noqa: F401
-        except ModuleNotFoundError:
-            raise Data2VecError("data2vec 2.0 (--version 2) is not yet available") from None
+    if args.print_config:
+        import yaml
+
+        from data2vec.config import to_dict
+
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        return 0
+    from data2vec.train.distributed import pick_device
+
+    pick_device(cfg.run.device)  # an unavailable device fails now, in one line
     last = pretrain(cfg, out, resume=args.resume, init=None if args.resume else args.init,
                     overwrite=args.overwrite)
     signum = last.pop("stopped_by_signal", None) if last else None
     if signum is not None:
         return _stopped(int(signum), int(last["step"]), out, cfg)
     if last:
-        print(f"done: step {last['step']:.0f}, loss {last['loss']:.4f}, "
-              f"target std {last['target_std']:.3f}; run directory {out}")
+        say(f"done: step {last['step']:.0f}, loss {last['loss']:.4f}, "
+            f"target std {last['target_std']:.3f}; run directory {out}")
     return 0
 
 
@@ -126,53 +171,117 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
         out = Path(args.out) if args.out else default_demo_dir(args.modality)
         path = prepare_demo(args.modality, out, seed=args.seed, force=args.force)
-        print(f"demo {args.modality} data in {path}")
+        say(f"demo {args.modality} data in {path}")
     else:
         from data2vec.data.audio import write_manifest
 
         out = Path(args.out) if args.out else Path(args.audio_dir) / "train.tsv"
         n = write_manifest(Path(args.audio_dir), out, valid_fraction=args.valid_fraction,
                            seed=args.seed)
-        print(f"wrote {out} ({n} files)")
+        say(f"wrote {out} ({n} files)")
     return 0
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
     from data2vec.train.plot import plot_run
 
-    print(plot_run(args.run_dir, args.out))
+    say(plot_run(args.run_dir, args.out))
+    return 0
+
+
+def _layers(text: str) -> str | list[int]:
+    """--layer: 'all', one index or a comma-separated list (negative = from the top)."""
+    if text == "all":
+        return text
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'all' or layer numbers like 4 or 2,4,-1, "
+                                         f"got {text!r}") from None
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from data2vec.extract import collect_inputs, extract
+    from data2vec.loading import load
+    from data2vec.runtime import set_threads
+
+    set_threads(args.threads)
+    model = load(args.model, tokenizer=args.tokenizer, device=args.device or "auto")
+    items = collect_inputs(model.modality, args.inputs)
+    index = extract(model, items, args.out, args.layer, args.format, args.batch_size)
+    layers = model.layer_indices(args.layer)
+    say(f"extracted layer(s) {','.join(map(str, layers))} of {len(items)} inputs with "
+        f"{model.source} -> {args.out} (index {index.name}, {args.format})")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="data2vec", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="data2vec", description=__doc__,
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=version_text(),
+                        help="print the versions of data2vec, torch and Python and exit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add = _adder(sub)
 
-    p = sub.add_parser("pretrain", help="self-supervised pre-training")
+    p = add("pretrain", help="self-supervised pre-training")
     _pretrain_args(p)
     p.set_defaults(func=cmd_pretrain)
 
-    p = sub.add_parser("prepare", help="prepare demo data or a speech manifest")
-    prep = p.add_subparsers(dest="what", required=True)
-    demo = prep.add_parser("demo", help="generate the embedded demo data of a modality")
-    demo.add_argument("--modality", required=True, choices=["speech", "image", "text"])
-    demo.add_argument("--out", help="output directory (default: the demo cache)")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--force", action="store_true", help="rebuild even if cached")
-    man = prep.add_parser("manifest", help="write a fairseq-style TSV manifest of a folder")
-    man.add_argument("audio_dir")
+    p = add("prepare", help="prepare demo data or a speech manifest")
+    prep = p.add_subparsers(dest="what", required=True, metavar="WHAT")
+    demo = prep.add_parser("demo", help="generate the embedded demo data of a modality",
+                           formatter_class=HelpFormatter)
+    demo.add_argument("--modality", required=True, choices=["speech", "image", "text"],
+                      help="which demo corpus (required)")
+    demo.add_argument("--out", help="output directory (default: the demo cache, "
+                                    "$DATA2VEC_HOME/demo/<modality>)")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the generated data")
+    demo.add_argument("--force", action="store_true",
+                      help="rebuild even if cached (default: reuse)")
+    man = prep.add_parser("manifest", help="write a fairseq-style TSV manifest of a folder",
+                          formatter_class=HelpFormatter)
+    man.add_argument("audio_dir", help="folder of .wav / .flac files (searched recursively)")
     man.add_argument("--out", help="manifest path (default AUDIO_DIR/train.tsv)")
-    man.add_argument("--valid-fraction", type=float, default=0.0)
-    man.add_argument("--seed", type=int, default=0)
+    man.add_argument("--valid-fraction", type=float, default=0.0,
+                     help="fraction of files written to valid.tsv instead")
+    man.add_argument("--seed", type=int, default=0, help="seed of the train / valid split")
     p.set_defaults(func=cmd_prepare)
 
-    p = sub.add_parser("plot", help="plot the curves of a run")
-    p.add_argument("run_dir", type=Path)
-    p.add_argument("--out", type=Path)
+    p = add("plot", help="plot the curves of a pre-training or fine-tuning run")
+    p.add_argument("run_dir", type=Path, help="run directory holding metrics.jsonl")
+    p.add_argument("--out", type=Path, help="PNG to write (default RUN_DIR/curves.png)")
     p.set_defaults(func=cmd_plot)
+
+    p = add("extract", help="write layer-wise features of audio files, images or text lines",
+            description="Features of every input at the chosen layers, batched and padding-safe "
+                        "(a padded input's features equal the input alone). MODEL is anything "
+                        "data2vec.load reads: a run or checkpoint directory, an HF directory, a "
+                        "fairseq .pt file. Layer 0 = transformer input, i = output of block i.")
+    p.add_argument("model", help="run / checkpoint directory, HF directory or fairseq .pt")
+    p.add_argument("inputs", nargs="+", help="audio / image files, or .txt files (one input per "
+                   "line); folders are searched recursively")
+    p.add_argument("--out", required=True, type=Path, help="output directory (required)")
+    p.add_argument("--layer", type=_layers, default="all",
+                   help="'all', N, or a list like 2,4,-1 (default all)")
+    p.add_argument("--format", choices=["npy", "safetensors"], default="npy",
+                   help="one .npy per input, or one .safetensors per batch")
+    p.add_argument("--batch-size", type=int, default=8, help="inputs per forward pass")
+    p.add_argument("--tokenizer", help="text: directory with vocab.json + merges.txt "
+                                       "(default: the one beside the model)")
+    p.add_argument("--device", help=DEVICE_HELP)
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads; 0 = free cores (default 0)")
+    p.set_defaults(func=cmd_extract)
 
     _register_optional(sub)
     return parser
+
+
+def _adder(sub: argparse._SubParsersAction):
+    """sub.add_parser with our help formatter (defaults shown in every option's help)."""
+    def add(name: str, **kwargs):
+        return sub.add_parser(name, formatter_class=HelpFormatter, **kwargs)
+    return add
 
 
 def _register_optional(sub: argparse._SubParsersAction) -> None:
@@ -199,6 +308,10 @@ def main(argv: list[str] | None = None) -> int:
     if overrides:
         args.overrides = [*args.overrides, *overrides]
     try:
+        if getattr(args, "device", None):
+            from data2vec.train.distributed import pick_device
+
+            pick_device(args.device)  # an unavailable device: one line, before any work
         return args.func(args)
     except Data2VecError as e:
         print(f"data2vec: error: {e}", file=sys.stderr)

@@ -159,7 +159,8 @@ class RunConfig:
     """Stop after this many updates as if interrupted (schedules still span max_steps); 0 = off."""
     seed: int = 1
     precision: Literal["fp32", "bf16"] = "fp32"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    """'auto' = CUDA when available, else CPU; an unavailable device is a one-line error."""
     log_every: int = 10
     checkpoint_every: int = 100
     keep_last: int = 2

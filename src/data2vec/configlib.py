@@ -174,6 +174,42 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return dict(data)
 
 
+@dataclasses.dataclass(frozen=True)
+class FieldDoc:
+    """One dataclass field as written in the source: name, type, default and docstring."""
+
+    name: str
+    type: str
+    default: str
+    doc: str
+
+
+def field_docs(source: str | Path, class_name: str) -> list[FieldDoc]:
+    """The fields of dataclass `class_name` in the Python file `source`, read with ``ast``
+    (without importing it): attribute docstrings exist only in the source, and help text built
+    this way costs no import of the module's dependencies."""
+    import ast
+
+    tree = ast.parse(Path(source).read_text(encoding="utf-8"))
+    cls = next((n for n in ast.walk(tree)
+                if isinstance(n, ast.ClassDef) and n.name == class_name), None)
+    if cls is None:
+        raise ConfigError(f"{source}: no class {class_name}")
+    out: list[FieldDoc] = []
+    body = cls.body
+    for i, node in enumerate(body):
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            continue
+        following = body[i + 1] if i + 1 < len(body) else None
+        doc = ""
+        if (isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
+                and isinstance(following.value.value, str)):
+            doc = " ".join(following.value.value.split())
+        default = ast.unparse(node.value) if node.value is not None else ""
+        out.append(FieldDoc(node.target.id, ast.unparse(node.annotation), default, doc))
+    return out
+
+
 def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split())
 

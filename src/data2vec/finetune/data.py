@@ -43,7 +43,8 @@ DIGIT_WORDS = ("ZERO", "ONE", "TWO", "THREE", "FOUR", "FIVE", "SIX", "SEVEN", "E
 class Labelled:
     """A labelled split: ``get(i, gen)`` -> input tensor (augmented when gen is not None);
     ``targets[i]`` the label (class id, float score, multi-hot vector or letter ids);
-    ``sizes[i]`` the input length (speech samples, tokens; 1 for images)."""
+    ``sizes[i]`` the input length (speech samples, tokens; 1 for images); ``info`` per-example
+    lists (``names``: the file or text of each example; ``ltr``: transcripts) and other facts."""
 
     get: Callable[[int, torch.Generator | None], Tensor]
     targets: list[Any]
@@ -86,10 +87,12 @@ def stratified_subset(labels: list[int], fraction: float, seed: int) -> list[int
 
 
 def take(data: Labelled, indices: list[int]) -> Labelled:
-    """The examples `indices` of `data`."""
+    """The examples `indices` of `data` (per-example ``info`` lists follow them)."""
     index = list(indices)
+    info = {k: [v[i] for i in index] if isinstance(v, list) and len(v) == len(data) else v
+            for k, v in data.info.items()}
     return Labelled(lambda i, gen: data.get(index[i], gen), [data.targets[i] for i in index],
-                    data.sizes[index], data.classes, {**data.info, "subset": len(index)})
+                    data.sizes[index], data.classes, {**info, "subset": len(index)})
 
 
 # ---------------------------------------------------------------------------------- speech
@@ -117,7 +120,7 @@ def speech_asr(path: Path, split: str, vocab, max_sample_size: int = 0) -> Label
     texts = [dataset.labels["ltr"][i] for i in keep]
     targets = [vocab.encode(t) for t in texts]
     return Labelled(lambda i, gen: dataset[keep[i]], targets, dataset.sizes[keep], [],
-                    {"ltr": texts})
+                    {"ltr": texts, "names": [str(dataset.path(i)) for i in keep]})
 
 
 def read_ltr(path: Path, split: str) -> list[str]:
@@ -181,7 +184,8 @@ def speech_tags(path: Path, split: str, classes: list[str] | None = None,
                                 f"{len(classes)} classes")
             hot[column[label]] = 1.0
         targets.append(hot)
-    return Labelled(lambda i, gen: dataset[keep[i]], targets, dataset.sizes[keep], classes, {})
+    return Labelled(lambda i, gen: dataset[keep[i]], targets, dataset.sizes[keep], classes,
+                    {"names": [str(dataset.path(i)) for i in keep]})
 
 
 # ---------------------------------------------------------------------------------- images
@@ -206,7 +210,7 @@ def image_folder(path: Path, split: str, image_size: int, in_channels: int, stat
         return train_transform(image, image_size, crop_scale, hflip, stats, gen)
 
     return Labelled(get, list(dataset.targets), np.ones(len(dataset), dtype=np.int64),
-                    list(dataset.classes), {})
+                    list(dataset.classes), {"names": [str(f) for f in dataset.files]})
 
 
 # ---------------------------------------------------------------------------------- text
@@ -302,8 +306,10 @@ def text_labelled(path: Path, split: str, glue: str, tokenizer, max_len: int,
         targets: list[Any] = [classes.index(y) for y in raw]
     else:
         targets = [float(y) for y in raw]
+    names = [a if b is None else f"{a}\t{b}" for a, b in pairs]
     return Labelled(lambda i, gen: encoded[i], targets,
-                    np.array([len(e) for e in encoded], dtype=np.int64), classes or [], {})
+                    np.array([len(e) for e in encoded], dtype=np.int64), classes or [],
+                    {"names": names})
 
 
 # ---------------------------------------------------------------------------------- batches

@@ -2,15 +2,17 @@
 
 A fine-tuning run starts from a pre-training run / checkpoint (its student weights, or its EMA
 teacher with ``from_teacher``, and its config for the architecture) or from scratch (a preset),
-trains a task head plus the encoder, and writes ``RUN/checkpoints/step-N/`` in the pre-training
-format (``model.safetensors`` + ``state.pt`` with ``config``, ``finetune`` and the label set), so
-:func:`evaluate` can rebuild and score it.
+trains a task head plus the encoder, validates every ``eval_every`` updates and writes a run
+directory like pre-training's (:mod:`data2vec.finetune.runs`): ``config.yaml``, ``metrics.jsonl``,
+TensorBoard, ``train.log``, ``checkpoints/step-N`` (last) and ``checkpoints/best`` in the
+pre-training format (``model.safetensors`` + ``state.pt`` with ``config``, ``finetune`` and the
+label set), which :func:`data2vec.load` and :func:`evaluate` read.
 
 Example::
 
     ft = FinetuneConfig(task="image-cls", init="runs/image-v1-tiny", max_steps=200)
     finetune(ft, Path("runs/image-cls"))          # {'accuracy': ..., 'top5': ...} on valid
-    evaluate(Path("runs/image-cls"), split="test")
+    evaluate(Path("runs/image-cls"), split="test").metrics
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from data2vec.batch import Batch
-from data2vec.config import Config, OptimConfig, config_from_dict, load_config, to_dict
+from data2vec.config import Config, OptimConfig, load_config, to_dict
 from data2vec.configlib import from_dict
 from data2vec.data.collate import derive_seed
 from data2vec.errors import CheckpointError, ConfigError
@@ -42,7 +44,6 @@ from data2vec.train.optim import lr_at, param_groups, set_lr
 log = logging.getLogger("data2vec")
 
 MODALITY = {"asr": "speech", "audio-cls": "speech", "image-cls": "image", "text-cls": "text"}
-FINETUNE_FILE = "finetune.json"
 
 
 @dataclass
@@ -117,7 +118,14 @@ class FinetuneConfig:
     word_score: float = 0.0
     seed: int = 1
     eval_split: str = "valid"
+    """Split scored during and after training (the summary's split)."""
+    eval_every: int = 100
+    """Validate (greedy decoding) every N updates, and always after the last one; 0 = only after
+    the last one. The best score's weights are kept in RUN/checkpoints/best."""
     threads: int = 0
+    """torch threads; 0 = the cores not already busy (data2vec.runtime.default_threads)."""
+    device: str = "auto"
+    """auto | cpu | cuda | mps (auto = CUDA when available, else CPU)."""
 
 
 # ---------------------------------------------------------------------------------- setup
@@ -138,27 +146,24 @@ def finetune_config(task: str, overrides: list[str] | None = None, **kwargs: Any
 def load_backbone(ft: FinetuneConfig, model_overrides: list[str] | None = None):
     """(pre-training Config, Data2Vec model) for `ft.init`: a checkpoint's weights or a preset."""
     from data2vec.build import build_model
-    from data2vec.configlib import merge, parse_overrides
+    from data2vec.loading import load_checkpoint
 
     modality = MODALITY[ft.task]
     if ft.init == "scratch":
         cfg = load_config(modality, ft.preset, ft.version, None, model_overrides)
         _sync_text(cfg)
         return cfg, build_model(cfg)
-    where = ckpt.find_checkpoint(Path(ft.init))
-    saved = ckpt.load_state(where).get("config")
-    if saved is None:
-        raise CheckpointError(f"{where}/state.pt has no 'config': not a data2vec checkpoint")
-    if saved.get("modality") != modality:
-        raise ConfigError(f"--init {ft.init} is a {saved.get('modality')} model; task {ft.task} "
+    loaded = load_checkpoint(ft.init, overrides=model_overrides or ())
+    if loaded.modality != modality:
+        raise ConfigError(f"--init {ft.init} is a {loaded.modality} model; task {ft.task} "
                           f"needs {modality}")
-    cfg = config_from_dict(merge(saved, parse_overrides(model_overrides or [])))
-    model = build_model(cfg)
-    weights = ckpt.load_weights(where)
-    ckpt.load_model_weights(model, weights, str(where))
+    if loaded.task is not None:
+        raise ConfigError(f"--init {ft.init} is already fine-tuned ({loaded.task}); start from a "
+                          "pre-training run or an imported base model")
+    model = loaded.network
     if ft.from_teacher:  # fairseq load_ema: the teacher's copy of what it tracks
         model._tracked().load_state_dict(model.teacher.model.state_dict())
-    return cfg, model
+    return loaded.cfg, model
 
 
 def _sync_text(cfg: Config) -> None:
@@ -306,12 +311,13 @@ def ctc_loss(model: FineTuneModel, batch: Batch, ft: FinetuneConfig,
     if ft.mask_prob > 0 or ft.channel_mask_prob > 0:
         num_frames = int(ctc_frames(frontend, batch.source.shape[1]))
         padding = frame_padding_mask(batch.padding_mask, frontend.conv_layers, num_frames)
+        device = batch.source.device  # masks are drawn on the CPU generator, used there
         if ft.mask_prob > 0:
             mask = span_mask(padding, (len(batch), num_frames), ft.mask_prob, ft.mask_length, 0,
-                             gen)
+                             gen).to(device)
         if ft.channel_mask_prob > 0:
             channels = channel_mask(len(batch), frontend.dim, ft.channel_mask_prob,
-                                    ft.channel_mask_length, gen)
+                                    ft.channel_mask_length, gen).to(device)
     logits, padding = model(batch.source, batch.padding_mask, mask, channels)  # (B, T, V)
     log_probs = F.log_softmax(logits.float(), -1).transpose(0, 1)  # (T, B, V)
     lengths = _frame_lengths(padding, logits)
@@ -375,57 +381,92 @@ def train_step(model: FineTuneModel, optimizer: torch.optim.Optimizer, batch: Ba
     return {"loss": float(loss.detach()), "lr": lr, "grad_norm": grad_norm}
 
 
-def finetune(ft: FinetuneConfig, run_dir: Path,
-             model_overrides: list[str] | None = None) -> dict[str, float]:
-    """Fine-tune `ft` into `run_dir`; returns the metrics on `ft.eval_split` after training."""
-    run_dir = Path(run_dir)
-    if ft.threads > 0:
-        torch.set_num_threads(ft.threads)
+def finetune(ft: FinetuneConfig, run_dir: Path, model_overrides: list[str] | None = None,
+             progress: bool = True) -> dict[str, float]:
+    """Fine-tune `ft` into `run_dir` (layout: :mod:`data2vec.finetune.runs`); returns the
+    metrics of the last model on `ft.eval_split`, with train_examples, final_train_loss,
+    train_seconds, eval_examples and the best validation score."""
+    from data2vec.finetune.runs import FinetuneRun, main_metric
+    from data2vec.runtime import set_threads
+    from data2vec.train.distributed import pick_device
+
+    device = pick_device(ft.device)
+    set_threads(ft.threads)
     torch.manual_seed(ft.seed)
     cfg, backbone = load_backbone(ft, model_overrides)
     tokenizer = _tokenizer(cfg) if ft.task == "text-cls" else None
     labels = labels_of(ft, cfg, tokenizer)
     train = low_label_subset(ft, load_split(ft, cfg, "train", labels, tokenizer),
                              cfg.data.sample_rate)
+    valid = load_split(ft, cfg, ft.eval_split, labels, tokenizer)
     num_outputs = _num_outputs(ft, labels)
-    model = build_finetune_model(ft, cfg, backbone, num_outputs)
+    model = build_finetune_model(ft, cfg, backbone, num_outputs).to(device)
     optimizer, optim_cfg = _optimizer(model, ft)
     pad_id = tokenizer.pad_id if tokenizer is not None else 0
     stream = data.batches(train, ft.task, ft.batch_size, ft.seed, pad_id)
     gen = torch.Generator().manual_seed(derive_seed(ft.seed, 12))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    log_file = (run_dir / "metrics.jsonl").open("w")
-    start = time.perf_counter()
-    losses = []
-    for step in range(ft.max_steps):
-        stats = train_step(model, optimizer, next(stream), ft, optim_cfg, step, num_outputs, gen)
-        losses.append(stats["loss"])
-        log_file.write(json.dumps({"step": step + 1, **stats}) + "\n")
-        log_file.flush()
-    log_file.close()
-    _save(run_dir, model, cfg, ft, labels, tokenizer, len(train))
-    result = score(model, resolve_lm(ft, cfg, run_dir), cfg, labels, tokenizer, ft.eval_split)
-    result["train_examples"] = float(len(train))
-    result["final_train_loss"] = float(np.mean(losses[-20:]))  # last 20 updates
-    result["train_seconds"] = time.perf_counter() - start
-    (run_dir / FINETUNE_FILE).write_text(json.dumps(result, indent=2) + "\n")
+    run = FinetuneRun(run_dir, ft.max_steps, main_metric(ft.task, ft.glue, labels.get("classes")),
+                      progress, f"finetune {ft.task}")
+    try:
+        run.write_config(to_dict(ft), to_dict(cfg))
+        if tokenizer is not None:
+            tokenizer.save(Path(run_dir) / "tokenizer")
+        log.info("finetune %s from %s: %d training and %d %s examples, %.2f M parameters "
+                 "(%.2f M trained), device %s", ft.task, ft.init, len(train), len(valid),
+                 ft.eval_split, sum(p.numel() for p in model.parameters()) / 1e6,
+                 sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6, device)
+        greedy = replace(ft, beam=0, lm="")
+        for step in range(ft.max_steps):
+            batch = next(stream).to(device)
+            run.step(step + 1, train_step(model, optimizer, batch, ft, optim_cfg, step,
+                                          num_outputs, gen))
+            done = step + 1
+            if done < ft.max_steps and ft.eval_every > 0 and done % ft.eval_every == 0:
+                scored = evaluate_split(model, greedy, cfg, labels, tokenizer, valid)
+                if run.validation(done, ft.eval_split, scored.examples, scored.metrics):
+                    _save(run_dir, model, cfg, ft, labels, len(train), done, best=True)
+        final_ft = resolve_lm(ft, cfg, run_dir)
+        scored = evaluate_split(model, final_ft, cfg, labels, tokenizer, valid)
+        if run.validation(ft.max_steps, ft.eval_split, scored.examples, scored.metrics):
+            _save(run_dir, model, cfg, ft, labels, len(train), ft.max_steps, best=True)
+        last = _save(run_dir, model, cfg, ft, labels, len(train), ft.max_steps)
+        log.info("checkpoint %s", last)
+    except BaseException:
+        run.close()
+        raise
+    result = {**scored.metrics, "train_examples": float(len(train)),
+              "final_train_loss": run.final_train_loss,
+              "train_seconds": time.perf_counter() - run.started,
+              "eval_examples": float(scored.examples)}
+    summary = {"task": ft.task, "split": ft.eval_split, "examples": scored.examples,
+               "metrics": scored.metrics, "steps": ft.max_steps, "train_examples": len(train),
+               "best_metric": run.metric, "best": run.best, "best_step": run.best_step,
+               "run": str(run_dir), **{k: v for k, v in result.items()
+                                       if k not in scored.metrics}}
+    run.finish(summary)
+    from data2vec.finetune.runs import summary_line
+
+    log.info("%s", summary_line(ft.task, summary))
     return result
 
 
 def _num_outputs(ft: FinetuneConfig, labels: dict[str, Any]) -> int:
-    if ft.task == "asr":
-        return len(labels["vocab"])
-    return max(1, len(labels["classes"]))  # text regression (STS-B) has no classes: 1 output
+    from data2vec.loading import num_outputs
+
+    return num_outputs(ft.task, labels)
 
 
 def _save(run_dir: Path, model: FineTuneModel, cfg: Config, ft: FinetuneConfig,
-          labels: dict[str, Any], tokenizer, num_train: int) -> Path:
-    if tokenizer is not None:
-        tokenizer.save(run_dir / "tokenizer")
-    state = {"step": ft.max_steps, "config": to_dict(cfg), "finetune": to_dict(ft),
+          labels: dict[str, Any], num_train: int, step: int, best: bool = False) -> Path:
+    """The last checkpoint (``checkpoints/step-N``, what ``latest`` names) or, with `best`,
+    ``checkpoints/best``."""
+    state = {"step": step, "config": to_dict(cfg), "finetune": to_dict(ft),
              "labels": {"vocab": labels["vocab"].symbols} if "vocab" in labels
              else {"classes": list(labels["classes"])}, "train_examples": num_train}
-    return ckpt.save_checkpoint(run_dir / "checkpoints", ft.max_steps, model, state, keep_last=1)
+    root = Path(run_dir) / "checkpoints"
+    if best:
+        return ckpt.write_checkpoint_dir(root / "best", model, state)
+    return ckpt.save_checkpoint(root, step, model, state, keep_last=1)
 
 
 # ---------------------------------------------------------------------------------- evaluation
@@ -434,61 +475,70 @@ def _save(run_dir: Path, model: FineTuneModel, cfg: Config, ft: FinetuneConfig,
 def load_finetuned(path: Path) -> tuple[FineTuneModel, FinetuneConfig, Config, dict[str, Any],
                                         Any]:
     """(model, settings, pre-training config, labels, tokenizer) of a fine-tuned checkpoint."""
-    from data2vec.build import build_frontend
-    from data2vec.data.tokenizer import BPETokenizer
-    from data2vec.nn.transformer import TransformerEncoder
+    from data2vec.loading import load_checkpoint
 
-    where = ckpt.find_checkpoint(Path(path))
-    state = ckpt.load_state(where)
-    if "finetune" not in state:
-        raise CheckpointError(f"{where} is not a fine-tuned checkpoint (no 'finetune' settings); "
-                              "evaluate needs the output of 'data2vec finetune'")
-    cfg = config_from_dict(state["config"])
-    ft = from_dict(FinetuneConfig, state["finetune"])
-    labels: dict[str, Any] = ({"vocab": ctc.Vocabulary(state["labels"]["vocab"])}
-                              if "vocab" in state["labels"] else dict(state["labels"]))
-    frontend = build_frontend(cfg.modality, cfg.model)
-    encoder = TransformerEncoder(cfg.model.encoder, window_size=frontend.window_size)
-    backbone = nn.Module()
-    backbone.frontend, backbone.encoder = frontend, encoder
-    if cfg.version == 2 and cfg.model.v2.alibi:
-        from data2vec.objective.data2vec2 import AlibiBias
-
-        backbone.alibi = AlibiBias(cfg.model.encoder.num_heads)
-    model = build_finetune_model(replace(ft, linear_probe=False), cfg, backbone,
-                                 _num_outputs(ft, labels))
-    ckpt.load_model_weights(model, ckpt.load_weights(where), str(where))
-    run_dir = where.parent.parent
-    tokenizer = BPETokenizer.load(run_dir / "tokenizer") if ft.task == "text-cls" else None
-    return model, ft, cfg, labels, tokenizer
+    loaded = load_checkpoint(path)
+    if loaded.task is None:
+        raise CheckpointError(f"{loaded.source} is not a fine-tuned checkpoint (no 'finetune' "
+                              "settings); evaluate needs the output of 'data2vec finetune'")
+    if loaded.task == "text-cls" and loaded.tokenizer is None:
+        raise CheckpointError(f"{loaded.source}: no tokenizer beside this text model "
+                              "(RUN/tokenizer/ with vocab.json + merges.txt)")
+    return loaded.network, loaded.finetune, loaded.cfg, loaded.labels, loaded.tokenizer
 
 
 @torch.no_grad()
 def predict(model: FineTuneModel, split_data: data.Labelled, ft: FinetuneConfig,
             pad_id: int) -> tuple[list[Tensor], list[Any]]:
-    """Outputs per batch (logits / log-probs with lengths) in order, and the targets."""
+    """Outputs per example in order (CPU logits; asr: log-probs of the real frames), and the
+    targets."""
     model.eval()
+    device = next(model.parameters()).device
     outputs = []
     for batch in data.batches(split_data, ft.task, ft.batch_size, ft.seed, pad_id, train=False):
+        batch = batch.to(device)
         logits, padding = model(batch.source, batch.padding_mask)
         if ft.task == "asr":
             lengths = _frame_lengths(padding, logits)
-            outputs.extend((F.log_softmax(logits[b].float(), -1)[:int(lengths[b])])
+            outputs.extend((F.log_softmax(logits[b].float(), -1)[:int(lengths[b])].cpu())
                            for b in range(len(batch)))
         else:
-            outputs.extend(logits.float())
+            outputs.extend(logits.float().cpu())
     return outputs, split_data.targets
 
 
-def score(model: FineTuneModel, ft: FinetuneConfig, cfg: Config, labels: dict[str, Any],
-          tokenizer, split: str) -> dict[str, float]:
-    """The task's metrics on `split`."""
-    split_data = load_split(ft, cfg, split, labels, tokenizer)
+@dataclass
+class Evaluation:
+    """Metrics of one split, with one record per example (input, target, prediction)."""
+
+    split: str
+    examples: int
+    metrics: dict[str, float]
+    records: list[dict[str, Any]]
+
+
+def evaluate_split(model: FineTuneModel, ft: FinetuneConfig, cfg: Config,
+                   labels: dict[str, Any], tokenizer, split: str | data.Labelled) -> Evaluation:
+    """Score `split` (a split name, or a split already loaded) with the task's metrics."""
+    name = split if isinstance(split, str) else ft.eval_split
+    split_data = load_split(ft, cfg, split, labels, tokenizer) if isinstance(split, str) else split
     pad_id = tokenizer.pad_id if tokenizer is not None else 0
     outputs, targets = predict(model, split_data, ft, pad_id)
+    names = split_data.info.get("names") or [str(i) for i in range(len(split_data))]
     if ft.task == "asr":
-        return asr_metrics(outputs, split_data, labels["vocab"], ft)
+        refs, hyps = decode_asr(outputs, split_data, labels["vocab"], ft)
+        records = [{"index": i, "input": names[i], "reference": r, "hypothesis": h}
+                   for i, (r, h) in enumerate(zip(refs, hyps, strict=True))]
+        metrics_ = {"wer": metrics.word_error_rate(refs, hyps),
+                    "cer": metrics.char_error_rate(refs, hyps)}
+        return Evaluation(name, len(split_data), metrics_, records)
     logits = torch.stack(outputs).numpy()
+    return Evaluation(name, len(split_data), _class_metrics(ft, labels, logits, targets),
+                      _class_records(ft, labels, logits, targets, names))
+
+
+def _class_metrics(ft: FinetuneConfig, labels: dict[str, Any], logits: np.ndarray,
+                   targets: list[Any]) -> dict[str, float]:
     if ft.task == "audio-cls":
         truth = torch.stack(targets).numpy()
         return {"mAP": metrics.mean_average_precision(truth, logits),
@@ -507,9 +557,33 @@ def score(model: FineTuneModel, ft: FinetuneConfig, cfg: Config, labels: dict[st
     return out
 
 
-def asr_metrics(log_probs: list[Tensor], split_data: data.Labelled, vocab: ctc.Vocabulary,
-                ft: FinetuneConfig) -> dict[str, float]:
-    """WER / CER of greedy or beam-search (optionally LM) decoding."""
+def _class_records(ft: FinetuneConfig, labels: dict[str, Any], logits: np.ndarray,
+                   targets: list[Any], names: list[str]) -> list[dict[str, Any]]:
+    classes = list(labels.get("classes") or [])
+    records = []
+    for i, (row, target) in enumerate(zip(logits, targets, strict=True)):
+        record: dict[str, Any] = {"index": i, "input": names[i]}
+        if ft.task == "audio-cls":
+            record["labels"] = [c for c, t in zip(classes, target.tolist(), strict=True) if t]
+            record["predicted"] = [c for c, x in zip(classes, row, strict=True) if x > 0]
+        elif not classes:  # regression
+            record.update(target=float(target), predicted=float(row[0]))
+        else:
+            record.update(label=classes[int(target)], predicted=classes[int(row.argmax())])
+        record["logits"] = [round(float(x), 5) for x in row]
+        records.append(record)
+    return records
+
+
+def score(model: FineTuneModel, ft: FinetuneConfig, cfg: Config, labels: dict[str, Any],
+          tokenizer, split: str) -> dict[str, float]:
+    """The task's metrics on `split`."""
+    return evaluate_split(model, ft, cfg, labels, tokenizer, split).metrics
+
+
+def decode_asr(log_probs: list[Tensor], split_data: data.Labelled, vocab: ctc.Vocabulary,
+               ft: FinetuneConfig) -> tuple[list[str], list[str]]:
+    """(reference words, hypotheses) of greedy or beam-search (optionally LM) decoding."""
     refs = [ctc.ltr_to_words(t) for t in split_data.info["ltr"]]
     if ft.beam > 0:
         lm = ctc.NgramLM.from_arpa(Path(ft.lm)) if ft.lm else None
@@ -517,6 +591,13 @@ def asr_metrics(log_probs: list[Tensor], split_data: data.Labelled, vocab: ctc.V
                 for lp in log_probs]
     else:
         hyps = [vocab.to_words(ctc.greedy_decode(lp.unsqueeze(0))[0]) for lp in log_probs]
+    return refs, hyps
+
+
+def asr_metrics(log_probs: list[Tensor], split_data: data.Labelled, vocab: ctc.Vocabulary,
+                ft: FinetuneConfig) -> dict[str, float]:
+    """WER / CER of greedy or beam-search (optionally LM) decoding."""
+    refs, hyps = decode_asr(log_probs, split_data, vocab, ft)
     return {"wer": metrics.word_error_rate(refs, hyps), "cer": metrics.char_error_rate(refs, hyps)}
 
 
@@ -531,13 +612,17 @@ def resolve_lm(ft: FinetuneConfig, cfg: Config, run_dir: Path) -> FinetuneConfig
 
 
 def evaluate(path: Path, split: str = "test", overrides: list[str] | None = None,
-             data_dir: str | None = None) -> dict[str, float]:
-    """Metrics of a fine-tuned run / checkpoint on `split`; overrides change decoding settings
-    (beam, lm, lm_weight, word_score, batch_size)."""
+             data_dir: str | None = None, predictions: Path | None = None) -> Evaluation:
+    """Score a fine-tuned run / checkpoint on `split`; overrides change decoding settings
+    (beam, lm, lm_weight, word_score, batch_size, threads, device); `predictions`: write one
+    JSON line per example (input, target, prediction) there."""
     from data2vec.configlib import merge, parse_overrides
+    from data2vec.runtime import set_threads
+    from data2vec.train.distributed import pick_device
 
     model, ft, cfg, labels, tokenizer = load_finetuned(path)
-    allowed = {"beam", "lm", "lm_weight", "word_score", "batch_size", "threads", "data"}
+    allowed = {"beam", "lm", "lm_weight", "word_score", "batch_size", "threads", "data",
+               "device"}
     update = parse_overrides(overrides or [])
     if data_dir:
         update["data"] = data_dir
@@ -546,11 +631,17 @@ def evaluate(path: Path, split: str = "test", overrides: list[str] | None = None
         raise ConfigError(f"evaluate: cannot change {bad}; allowed: {', '.join(sorted(allowed))}")
     ft = from_dict(FinetuneConfig, merge(to_dict(ft), update))
     ft = resolve_lm(ft, cfg, ckpt.find_checkpoint(Path(path)).parent.parent)
-    if ft.threads > 0:
-        torch.set_num_threads(ft.threads)
-    return score(model, ft, cfg, labels, tokenizer, split)
+    set_threads(ft.threads)
+    model.to(pick_device(ft.device))
+    result = evaluate_split(model, ft, cfg, labels, tokenizer, split)
+    if predictions is not None:
+        predictions = Path(predictions)
+        predictions.parent.mkdir(parents=True, exist_ok=True)
+        predictions.write_text("".join(json.dumps(r) + "\n" for r in result.records))
+    return result
 
 
-__all__ = ["FinetuneConfig", "build_finetune_model", "ctc_loss", "evaluate", "finetune",
-           "finetune_config", "labels_of", "load_backbone", "load_finetuned", "low_label_subset",
-           "mix", "score", "task_loss", "train_step"]
+__all__ = ["Evaluation", "FinetuneConfig", "build_finetune_model", "ctc_loss", "decode_asr",
+           "evaluate", "evaluate_split", "finetune", "finetune_config", "labels_of",
+           "load_backbone", "load_finetuned", "low_label_subset", "mix", "score", "task_loss",
+           "train_step"]

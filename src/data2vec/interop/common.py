@@ -1,37 +1,33 @@
 """What the HF and fairseq converters share: reading our checkpoints, writing imported ones,
 and checking a converted state dict key by key.
 
-An imported checkpoint is a directory in the training loop's format::
+Every import (HF base or task model, fairseq 1.0 / 2.0, BEiT) lands in one run layout, the one
+``data2vec pretrain`` and ``finetune`` write::
 
-    OUT/model.safetensors   the Data2Vec state dict (student, head, EMA teacher)
-    OUT/state.pt            {"config": to_dict(cfg), "step": 0, "imported_from": str,
-                             "notes": [str, ...]}  (torch.load(weights_only=True) reads it)
+    OUT/config.yaml                         the resolved config (architecture of the model)
+    OUT/checkpoints/step-0000000/           model.safetensors + state.pt: {"config", "step": 0,
+                                            "imported_from", "notes"[, "finetune", "labels"]}
+    OUT/checkpoints/latest                  names that checkpoint
+    OUT/tokenizer/                          text: vocab.json + merges.txt, when the source has them
 
-so ``data2vec.train.checkpoint.find_checkpoint`` / ``load_weights`` / ``load_state`` and
-``config_from_dict`` rebuild the model (fine-tuning ``--init OUT``).
+so :func:`data2vec.load`, ``--init OUT``, ``data2vec evaluate OUT`` and ``export`` read it.
 """
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from torch import Tensor
+import yaml
+from torch import Tensor, nn
 
-from data2vec.build import build_model
-from data2vec.config import Config, config_from_dict, to_dict
+from data2vec.config import Config, to_dict
 from data2vec.errors import CheckpointError
 from data2vec.modalities.speech import SpeechFrontEndConfig, parse_conv_spec
 from data2vec.objective.data2vec import Data2Vec
-from data2vec.train.checkpoint import (
-    STATE,
-    check_keys,
-    find_checkpoint,
-    load_model_weights,
-    load_state,
-    load_weights,
-    write_checkpoint_dir,
-)
+from data2vec.train.checkpoint import check_keys, save_checkpoint
 
 
 @dataclass
@@ -43,23 +39,50 @@ class ImportReport:
 
 
 def load_our_model(path: str | Path) -> tuple[Config, Data2Vec]:
-    """(config, model in eval mode) from a run directory or a checkpoint directory."""
-    ckpt = find_checkpoint(Path(path))
-    state = load_state(ckpt)
-    if "config" not in state:
-        raise CheckpointError(f"{ckpt / STATE} has no 'config' entry")
-    cfg = config_from_dict(state["config"])
-    model = build_model(cfg)
-    load_model_weights(model, load_weights(ckpt), str(ckpt))
-    return cfg, model.eval()
+    """(config, pre-trained model in eval mode) from a run or checkpoint directory."""
+    from data2vec.loading import load_checkpoint
+
+    loaded = load_checkpoint(path)
+    if loaded.task is not None:
+        raise CheckpointError(f"{loaded.source} is a fine-tuned {loaded.task} model; a "
+                              "pre-trained checkpoint was expected here")
+    return loaded.cfg, loaded.network
+
+
+def write_run(out: str | Path, cfg: Config, model: nn.Module, report: ImportReport,
+              tokenizer_from: Path | None = None, **extra: Any) -> Path:
+    """Write an imported `model` as the run directory `out` (layout in the module docstring);
+    `extra` state entries (``finetune``, ``labels``) make it a fine-tuned run. Returns the
+    checkpoint directory."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if tokenizer_from is not None and cfg.modality == "text":
+        copy_tokenizer(tokenizer_from, out / "tokenizer", report)
+    state = {"config": to_dict(cfg), "step": 0, "imported_from": report.source,
+             "notes": list(report.notes), **extra}
+    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    return save_checkpoint(out / "checkpoints", 0, model, state, keep_last=1)
 
 
 def write_checkpoint(out: str | Path, cfg: Config, model: Data2Vec,
                      report: ImportReport) -> Path:
-    """Write `model` as a checkpoint directory `out` (atomically: temp dir, then rename)."""
-    state = {"config": to_dict(cfg), "step": 0, "imported_from": report.source,
-             "notes": list(report.notes)}
-    return write_checkpoint_dir(Path(out), model, state)
+    """Write an imported pre-trained `model` as the run directory `out` (see :func:`write_run`)."""
+    return write_run(out, cfg, model, report)
+
+
+def copy_tokenizer(directory: Path, dst: Path, report: ImportReport) -> None:
+    """Copy a source's BPE files (vocab.json + merges.txt) into `dst`, checked by loading them."""
+    from data2vec.data.tokenizer import MERGES_FILE, VOCAB_FILE, BPETokenizer
+
+    files = [directory / VOCAB_FILE, directory / MERGES_FILE]
+    if not all(f.is_file() for f in files):
+        report.notes.append(f"no {VOCAB_FILE} + {MERGES_FILE} in {directory}: copy the model's "
+                            f"BPE files to {dst} before 'data2vec evaluate' or 'extract'")
+        return
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        shutil.copyfile(f, dst / f.name)
+    BPETokenizer.load(dst)  # fails now, naming the file, rather than at evaluation time
 
 
 def take(sd: dict[str, Tensor], key: str, source: str) -> Tensor:
@@ -96,5 +119,5 @@ def fail_on_leftovers(sd: dict[str, Tensor], source: str) -> None:
         raise CheckpointError(f"{source}: unknown keys not mapped: {sorted(sd)}")
 
 
-__all__ = ["ImportReport", "check_keys", "fail_on_leftovers", "load_our_model", "take",
-           "take_conv_feature_encoder", "take_linear", "write_checkpoint"]
+__all__ = ["ImportReport", "check_keys", "copy_tokenizer", "fail_on_leftovers", "load_our_model",
+           "take", "take_conv_feature_encoder", "take_linear", "write_checkpoint", "write_run"]

@@ -33,12 +33,17 @@ from data2vec.build import build_model
 from data2vec.config import Config, config_from_dict, load_config, to_dict
 from data2vec.errors import CheckpointError, ConfigError
 from data2vec.files import read_text
-from data2vec.interop.common import ImportReport, check_keys, load_our_model, write_checkpoint
-from data2vec.interop.hf_tasks import detect_task, head_from_hf, split_head, write_task_run
+from data2vec.interop.common import ImportReport, check_keys, write_run
+from data2vec.interop.hf_tasks import (
+    build_task_network,
+    detect_task,
+    head_from_hf,
+    split_head,
+    write_task_run,
+)
 from data2vec.interop.safe_unpickle import load_checkpoint_file
 from data2vec.modalities.speech import parse_conv_spec
 from data2vec.objective.data2vec import Data2Vec
-from data2vec.train.checkpoint import find_checkpoint, load_state
 
 MODEL_TYPES = {"data2vec-audio": "speech", "data2vec-vision": "image", "data2vec-text": "text"}
 HF_CLASSES = {"speech": "Data2VecAudioModel", "image": "Data2VecVisionModel",
@@ -492,25 +497,6 @@ TASK_CLASSES = {"asr": "Data2VecAudioForCTC",
 BASE_PREFIX = {"speech": "data2vec_audio.", "text": "data2vec_text.", "image": "data2vec_vision."}
 
 
-def load_finetuned_model(ckpt: Path, state: dict[str, Any]):
-    """(config, FineTuneModel in eval mode, task settings, labels) of a fine-tuned checkpoint."""
-    from data2vec.build import build_frontend
-    from data2vec.finetune.models import FineTuneModel
-    from data2vec.nn.transformer import TransformerEncoder
-    from data2vec.train.checkpoint import load_model_weights, load_weights
-
-    cfg = config_from_dict(state["config"])
-    ft, labels = state["finetune"], state.get("labels", {})
-    num_outputs = len(labels["vocab"]) if ft["task"] == "asr" else \
-        max(1, len(labels.get("classes", [])))  # STS-B regression: no classes, one output
-    frontend = build_frontend(cfg.modality, cfg.model)
-    encoder = TransformerEncoder(cfg.model.encoder, window_size=frontend.window_size)
-    model = FineTuneModel(frontend, encoder, ft["task"], num_outputs,
-                          ft.get("pooling", "mean"), ft.get("dropout", 0.0))
-    load_model_weights(model, load_weights(ckpt), str(ckpt))
-    return cfg, model.eval(), ft, labels
-
-
 def _task_config(cfg: Config, task: str, ft: dict[str, Any], labels: dict[str, Any],
                  num_outputs: int) -> dict[str, Any]:
     """Extra HF config entries of the task head; ConfigError where HF has no equivalent."""
@@ -576,26 +562,25 @@ def build_hf_task_model(cfg: Config, model: Any, ft: dict[str, Any], labels: dic
 
 
 def export_hf(path: str | Path, out_dir: str | Path) -> Path:
-    """Write our run/checkpoint `path` as a HF directory (config.json + model.safetensors).
+    """Write the model at `path` (anything :func:`data2vec.load` reads) as a HF directory.
 
-    A pre-training checkpoint becomes the base model; a fine-tuned one (``data2vec finetune``)
-    the matching task model, with ``vocab.json`` (CTC letters, blank = id 0) for speech recognition.
-    data2vec 2.0 models get their own model code in the directory (see :mod:`.hf_v2`).
+    A pre-trained model becomes the base model, a fine-tuned one (``data2vec finetune`` or an
+    imported task model) the matching task model, with ``vocab.json`` (CTC letters, blank = id 0)
+    for speech recognition. data2vec 2.0 models get their own model code in the directory (see
+    :mod:`.hf_v2`).
     """
-    ckpt = find_checkpoint(Path(path))
-    state = load_state(ckpt)
-    if state.get("config", {}).get("version") == 2:  # no transformers class: ship our code
-        from data2vec.interop.hf_v2 import export_hf_v2
+    from data2vec.loading import load
 
-        return export_hf_v2(ckpt, state, Path(out_dir))
-    vocab = None
-    if "finetune" in state:
-        cfg, model, ft, labels = load_finetuned_model(ckpt, state)
-        hf = build_hf_task_model(cfg, model, ft, labels)
-        vocab = labels.get("vocab")
+    loaded = load(path)
+    if loaded.version == 2:  # no transformers class: ship our code
+        from data2vec.interop.hf_v2 import export_loaded_v2
+
+        return export_loaded_v2(loaded, Path(out_dir))
+    if loaded.task is not None:
+        labels = raw_labels(loaded.labels)
+        hf = build_hf_task_model(loaded.cfg, loaded.network, to_dict(loaded.finetune), labels)
     else:
-        cfg, model = load_our_model(ckpt)
-        hf = build_hf_model(cfg, model)
+        hf = build_hf_model(loaded.cfg, loaded.network)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # What save_pretrained writes for these untied models, without its progress bar.
@@ -603,10 +588,18 @@ def export_hf(path: str | Path, out_dir: str | Path) -> Path:
     hf.config.save_pretrained(out_dir)
     weights = {k: v.detach().contiguous() for k, v in hf.state_dict().items()}
     save_file(weights, out_dir / "model.safetensors", metadata={"format": "pt"})
-    if vocab is not None:
+    if loaded.task == "asr":
+        vocab = loaded.labels["vocab"].symbols
         (out_dir / "vocab.json").write_text(json.dumps({s: i for i, s in enumerate(vocab)},
                                                        indent=1) + "\n")
     return out_dir
+
+
+def raw_labels(labels: dict[str, Any]) -> dict[str, Any]:
+    """A loaded model's labels as checkpoints store them (CTC symbols or class names)."""
+    if "vocab" in labels:
+        return {"vocab": list(labels["vocab"].symbols)}
+    return {"classes": list(labels.get("classes") or [])}
 
 
 def resolve_hf_dir(name: str | Path) -> Path:
@@ -688,18 +681,18 @@ def model_from_hf_dir(directory: Path) -> tuple[Config, Data2Vec, ImportReport]:
     return cfg, assemble(cfg, student, report.notes, str(directory)), report
 
 
-def import_hf(name: str | Path, out: str | Path) -> tuple[Path, ImportReport]:
-    """Import a HF data2vec directory (or cached hub id) into `out`: a checkpoint directory
-    for a base model, a fine-tuning run for a task model (see :mod:`.hf_tasks`)."""
-    directory = resolve_hf_dir(name)
+def task_model_from_hf_dir(directory: Path, source: str | None = None):
+    """(config, network, FinetuneConfig or None, labels, report) of a local HF data2vec
+    directory: a base model gives our ``Data2Vec``, a task model (see :mod:`.hf_tasks`) a
+    ``FineTuneModel`` with its settings and labels."""
     hf_cfg = _read_config(directory)
     with _config_errors(directory):
         task = detect_task(hf_cfg)
     if task is None:
         cfg, model, report = model_from_hf_dir(directory)
-        report.source = f"HF {name}"
-        return write_checkpoint(out, cfg, model, report), report
-    report = ImportReport(source=f"HF {name}")
+        report.source = f"HF {source or directory}"
+        return cfg, model, None, {}, report
+    report = ImportReport(source=f"HF {source or directory}")
     with _config_errors(directory):
         cfg = config_from_hf(hf_cfg, report.notes)
     weights = read_hf_weights(directory)
@@ -707,10 +700,23 @@ def import_hf(name: str | Path, out: str | Path) -> tuple[Path, ImportReport]:
     student = from_hf_state_dict(cfg, weights, build_model(cfg), str(directory), report.notes)
     with _config_errors(directory):
         ours, labels = head_from_hf(task, head, hf_cfg, directory, report.notes)
-        return write_task_run(Path(out), task, cfg, student, ours, labels, hf_cfg, directory,
-                              report), report
+    model, ft = build_task_network(task, cfg, student, ours, labels, hf_cfg, directory,
+                                   report.source)
+    return cfg, model, ft, labels, report
 
 
-__all__ = ["Entry", "build_hf_model", "config_from_hf", "export_hf", "from_hf_state_dict",
-           "hf_config_dict", "import_hf", "key_table", "model_from_hf_dir", "read_hf_weights",
-           "resolve_hf_dir", "to_hf_state_dict"]
+def import_hf(name: str | Path, out: str | Path) -> tuple[Path, ImportReport]:
+    """Import a HF data2vec directory (or cached hub id) as the run directory `out`: a
+    pre-trained run for a base model, a fine-tuned one for a task model (see :mod:`.hf_tasks`);
+    returns the checkpoint written."""
+    directory = resolve_hf_dir(name)
+    cfg, model, ft, labels, report = task_model_from_hf_dir(directory, str(name))
+    if ft is None:
+        return write_run(out, cfg, model, report, tokenizer_from=directory), report
+    return write_task_run(Path(out), model, cfg, ft, labels, directory, report), report
+
+
+__all__ = ["Entry", "build_hf_model", "build_hf_task_model", "config_from_hf", "export_hf",
+           "from_hf_state_dict", "hf_config_dict", "import_hf", "key_table", "model_from_hf_dir",
+           "raw_labels", "read_hf_weights", "resolve_hf_dir", "task_model_from_hf_dir",
+           "to_hf_state_dict"]

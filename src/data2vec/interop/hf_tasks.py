@@ -2,9 +2,10 @@
 
 ``Data2VecAudioForCTC``, ``Data2VecAudioForSequenceClassification``,
 ``Data2VecTextForSequenceClassification`` and ``Data2VecVisionForImageClassification``
-directories import as a fine-tuning run (``OUT/checkpoints/step-0000000`` with the task settings
-and labels, ``OUT/tokenizer`` for text) that ``data2vec evaluate`` and ``data2vec export`` read,
-with the head in :class:`~data2vec.finetune.models.FineTuneModel`'s layout:
+directories import as a fine-tuning run (the run layout of every import: ``OUT/config.yaml``,
+``OUT/checkpoints/step-0000000`` with the task settings and labels, ``OUT/tokenizer`` for text)
+that :func:`data2vec.load`, ``data2vec evaluate`` and ``data2vec export`` read, with the head
+in :class:`~data2vec.finetune.models.FineTuneModel`'s layout:
 
 - CTC: ``lm_head`` -> ``head.1``; the letters come from the directory's ``vocab.json``; HF's
   blank is ``pad_token_id``, ours is id 0, so the rows are reordered when they differ;
@@ -22,7 +23,6 @@ models; their head tensors are listed in the report.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,6 @@ from data2vec.config import Config, to_dict
 from data2vec.errors import CheckpointError, ConfigError
 from data2vec.files import read_text
 from data2vec.interop.common import ImportReport, check_keys
-from data2vec.train.checkpoint import save_checkpoint
 
 ARCHITECTURES = {"Data2VecAudioForCTC": "asr",
                  "Data2VecAudioForSequenceClassification": "audio-cls",
@@ -167,21 +166,17 @@ def _dropout(task: str, hf_cfg: dict[str, Any]) -> float:
     return 0.0
 
 
-def write_task_run(out: Path, task: str, cfg: Config, student: dict[str, Tensor],
-                   head: dict[str, Tensor], labels: dict[str, Any], hf_cfg: dict[str, Any],
-                   directory: Path, report: ImportReport) -> Path:
-    """Our fine-tuned run directory `out` (checkpoint + task settings + labels [+ tokenizer])."""
-    from data2vec.build import build_frontend
+def build_task_network(task: str, cfg: Config, student: dict[str, Tensor],
+                       head: dict[str, Tensor], labels: dict[str, Any], hf_cfg: dict[str, Any],
+                       directory: Path, source: str):
+    """(FineTuneModel in eval mode, FinetuneConfig) carrying the HF model's encoder and head."""
+    from data2vec.build import build_task_model
     from data2vec.finetune.loop import FinetuneConfig
-    from data2vec.finetune.models import FineTuneModel
-    from data2vec.nn.transformer import TransformerEncoder
+    from data2vec.loading import num_outputs
 
-    ft = FinetuneConfig(task=task, init=report.source, version=cfg.version,
+    ft = FinetuneConfig(task=task, init=source, version=cfg.version,
                         dropout=_dropout(task, hf_cfg), pooling="mean")
-    frontend = build_frontend(cfg.modality, cfg.model)
-    encoder = TransformerEncoder(cfg.model.encoder, window_size=frontend.window_size)
-    outputs = len(labels["vocab"]) if "vocab" in labels else max(1, len(labels["classes"]))
-    model = FineTuneModel(frontend, encoder, task, outputs, ft.pooling, ft.dropout)
+    model = build_task_model(cfg, task, num_outputs(task, labels), ft.pooling, ft.dropout)
     sd = model.state_dict()
     tensors = {**student, **head}
     expected = {k: v for k, v in sd.items()
@@ -189,27 +184,20 @@ def write_task_run(out: Path, task: str, cfg: Config, student: dict[str, Tensor]
     check_keys(tensors, expected, str(directory))
     sd.update({k: v.to(sd[k].dtype) for k, v in tensors.items()})
     model.load_state_dict(sd)
-    report.notes.append(f"imported as a fine-tuned {task} run: 'data2vec evaluate {out}' and "
+    return model.eval(), ft
+
+
+def write_task_run(out: Path, model, cfg: Config, ft, labels: dict[str, Any], directory: Path,
+                   report: ImportReport) -> Path:
+    """Our fine-tuned run directory `out` (the run layout of every import, see
+    :func:`data2vec.interop.common.write_run`, plus the task settings and labels)."""
+    from data2vec.interop.common import write_run
+
+    report.notes.append(f"imported as a fine-tuned {ft.task} run: 'data2vec evaluate {out}' and "
                         f"'data2vec export --to hf {out} DIR' read it")
-    if task == "text-cls":
-        _copy_tokenizer(directory, out / "tokenizer", report)
-    state = {"step": 0, "config": to_dict(cfg), "finetune": to_dict(ft), "labels": labels,
-             "imported_from": report.source, "notes": list(report.notes)}
-    return save_checkpoint(out / "checkpoints", 0, model, state, keep_last=1)
+    return write_run(Path(out), cfg, model, report, finetune=to_dict(ft), labels=labels,
+                     tokenizer_from=directory)
 
 
-def _copy_tokenizer(directory: Path, dst: Path, report: ImportReport) -> None:
-    from data2vec.data.tokenizer import MERGES_FILE, VOCAB_FILE, BPETokenizer
-
-    files = [directory / VOCAB_FILE, directory / MERGES_FILE]
-    if not all(f.is_file() for f in files):
-        report.notes.append(f"no {VOCAB_FILE} + {MERGES_FILE} in {directory}: copy the model's "
-                            f"BPE files to {dst} before 'data2vec evaluate'")
-        return
-    dst.mkdir(parents=True, exist_ok=True)
-    for f in files:
-        shutil.copyfile(f, dst / f.name)
-    BPETokenizer.load(dst)  # fails now, naming the file, rather than at evaluation time
-
-
-__all__ = ["ARCHITECTURES", "detect_task", "head_from_hf", "split_head", "write_task_run"]
+__all__ = ["ARCHITECTURES", "build_task_network", "detect_task", "head_from_hf", "split_head",
+           "write_task_run"]

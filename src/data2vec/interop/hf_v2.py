@@ -30,7 +30,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from data2vec.config import Config, config_from_dict
+from data2vec.config import Config
 from data2vec.errors import CheckpointError, ConfigError
 from data2vec.modalities.speech import parse_conv_spec
 
@@ -176,28 +176,6 @@ def build_hf_v2_task_model(cfg: Config, model: nn.Module, ft: dict[str, Any],
     return build_remote_model(config, TASK_CLASSES[task][1], model.state_dict(), BASE_PREFIX)
 
 
-def load_finetuned_v2(ckpt: Path, state: dict[str, Any]):
-    """(config, FineTuneModel in eval mode, task settings, labels) of a fine-tuned data2vec 2.0
-    checkpoint, with the pre-trained ALiBi bias when the model has one."""
-    from data2vec.build import build_frontend
-    from data2vec.finetune.models import FineTuneModel
-    from data2vec.nn.transformer import TransformerEncoder
-    from data2vec.objective.data2vec2 import AlibiBias
-    from data2vec.train.checkpoint import load_model_weights, load_weights
-
-    cfg = config_from_dict(state["config"])
-    ft, labels = state["finetune"], state.get("labels", {})
-    outputs = len(labels["vocab"]) if ft["task"] == "asr" else \
-        max(1, len(labels.get("classes", [])))  # no classes: one regression output
-    frontend = build_frontend(cfg.modality, cfg.model)
-    encoder = TransformerEncoder(cfg.model.encoder, window_size=frontend.window_size)
-    alibi = AlibiBias(cfg.model.encoder.num_heads) if cfg.model.v2.alibi else None
-    model = FineTuneModel(frontend, encoder, ft["task"], outputs, ft.get("pooling", "mean"),
-                          ft.get("dropout", 0.0), alibi)
-    load_model_weights(model, load_weights(ckpt), str(ckpt))
-    return cfg, model.eval(), ft, labels
-
-
 def write_remote_dir(hf: nn.Module, auto_class: str, out_dir: Path) -> Path:
     """config.json (with ``auto_map``), the two remote-code files and model.safetensors."""
     from safetensors.torch import save_file
@@ -236,19 +214,28 @@ def export_v2_model(cfg: Config, model: nn.Module, out_dir: Path,
     return Path(out_dir)
 
 
+def export_loaded_v2(loaded: Any, out_dir: Path) -> Path:
+    """:func:`export_v2_model` of a model read by :func:`data2vec.load`."""
+    from data2vec.configlib import to_dict
+    from data2vec.interop.hf import raw_labels
+
+    if loaded.task is None:
+        return export_v2_model(loaded.cfg, loaded.network, out_dir)
+    return export_v2_model(loaded.cfg, loaded.network, out_dir, to_dict(loaded.finetune),
+                           raw_labels(loaded.labels))
+
+
 def export_hf_v2(ckpt: Path, state: dict[str, Any], out_dir: Path) -> Path:
-    """:func:`export_v2_model` of the checkpoint `ckpt`, whose loaded ``state.pt`` is `state`."""
-    from data2vec.interop.common import load_our_model
+    """:func:`export_v2_model` of the checkpoint `ckpt` (read through :func:`data2vec.load`;
+    `state` is kept for callers that already read it)."""
+    from data2vec.loading import load_checkpoint
 
     if "config" not in state:
         raise CheckpointError(f"{ckpt}: state.pt has no 'config' entry")
-    if "finetune" in state:
-        cfg, model, ft, labels = load_finetuned_v2(ckpt, state)
-        return export_v2_model(cfg, model, out_dir, ft, labels)
-    cfg, model = load_our_model(ckpt)
-    return export_v2_model(cfg, model, out_dir)
+    return export_loaded_v2(load_checkpoint(ckpt), out_dir)
 
 
 __all__ = ["BASE_CLASSES", "NOT_EXPORTED", "TASK_CLASSES", "build_hf_v2_model",
-           "build_hf_v2_task_model", "export_hf_v2", "export_v2_model", "exported_tensors",
+           "build_hf_v2_task_model", "export_hf_v2", "export_loaded_v2", "export_v2_model",
+           "exported_tensors",
            "remote_config", "task_config"]

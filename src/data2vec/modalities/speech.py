@@ -41,6 +41,8 @@ _MAX_CONV_LAYERS = 64
 
 # ----------------------------------------------------------------------------------- configs
 
+PosConvPadding = Literal["every_layer", "input", "none"]
+
 
 @dataclass
 class SpeechFrontEndConfig:
@@ -62,7 +64,7 @@ class SpeechFrontEndConfig:
     """Groups of each positional conv (the model width must be divisible by it)."""
     layer_norm_eps: float = 1e-5
     """Epsilon of every LayerNorm / GroupNorm in the front-end."""
-    pos_conv_padding: Literal["every_layer", "input", "none"] = "every_layer"
+    pos_conv_padding: PosConvPadding = "every_layer"
     """Where padded frames are zeroed for the positional conv: before each of its layers, so a
     padded utterance gives the same output as the utterance alone ('every_layer', ours); once
     before the first layer ('input': fairseq data2vec 1.0, HF); never ('none': fairseq 2.0).
@@ -442,16 +444,20 @@ class SpeechFrontEnd(FrontEnd):
         return x, frame_padding_mask(padding_mask, self.conv_layers, x.shape[1])
 
     def contextualize(self, features: Tensor, padding_mask: Tensor | None,
-                      mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        """Masked frames -> mask_emb, padded frames -> 0 (as `cfg.pos_conv_padding` says), then
-        add the conv positions."""
+                      mask: Tensor | None,
+                      pos_conv_padding: PosConvPadding | None = None
+                      ) -> tuple[Tensor, Tensor | None]:
+        """Masked frames -> mask_emb, padded frames -> 0 (as `cfg.pos_conv_padding` says, or
+        `pos_conv_padding` when given: feature extraction asks for 'every_layer', which makes a
+        padded row equal its utterance alone whatever the model was trained with), then add the
+        conv positions."""
         x = features
         if mask is not None:
             if mask.shape != x.shape[:2]:
                 raise DataError(f"mask has shape {tuple(mask.shape)}, expected frames "
                                 f"{tuple(x.shape[:2])}")
             x = torch.where(mask.unsqueeze(-1), self.mask_emb.to(x.dtype), x)  # (B, T, D)
-        mode = self.cfg.pos_conv_padding
+        mode = pos_conv_padding or self.cfg.pos_conv_padding
         if padding_mask is not None and mode != "none":
             x = x.masked_fill(padding_mask.unsqueeze(-1), 0.0)
         per_layer_padding = padding_mask if mode == "every_layer" else None

@@ -10,6 +10,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from data2vec.errors import ConfigError
+
 
 @dataclass
 class DistInfo:
@@ -25,11 +27,25 @@ class DistInfo:
         return self.rank == 0
 
 
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
 def pick_device(choice: str) -> torch.device:
-    """'auto' = CUDA when available, else CPU."""
-    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda")
-    return torch.device("cpu")
+    """'auto' = CUDA when available, else CPU; 'cpu', 'cuda' (or 'cuda:N') and 'mps' are taken
+    as asked, and one that this machine lacks is a one-line :class:`ConfigError`."""
+    kind = choice.split(":")[0]
+    if kind not in DEVICES:
+        raise ConfigError(f"device {choice!r} is not one of {', '.join(DEVICES)}")
+    if kind == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if kind == "cuda" and not torch.cuda.is_available():
+        build = "a CUDA build" if torch.backends.cuda.is_built() else "a CPU-only build"
+        raise ConfigError(f"device {choice!r} is not available: torch {torch.__version__} is "
+                          f"{build} and sees no CUDA GPU (use --device cpu or auto)")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device {choice!r} is not available: no Apple Metal (MPS) device in "
+                          "this torch build or machine (use --device cpu or auto)")
+    return torch.device(choice)
 
 
 def init_distributed(device_choice: str = "auto") -> DistInfo:

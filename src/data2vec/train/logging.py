@@ -42,15 +42,17 @@ class MetricsWriter:
 
             self._tb = SummaryWriter(str(run_dir / "tensorboard"))
 
-    def write(self, step: int, metrics: dict[str, float]) -> None:
-        """Record `metrics` for optimizer update `step`."""
-        clean = {k: (float(v) if math.isfinite(float(v)) else str(float(v)))
+    def write(self, step: int, metrics: dict[str, float], group: str = "train") -> None:
+        """Record `metrics` for optimizer update `step`; keys of another group than 'train'
+        (fine-tuning's 'valid') are written as ``group/key`` in both files."""
+        clean = {k if group == "train" else f"{group}/{k}":
+                 (float(v) if math.isfinite(float(v)) else str(float(v)))
                  for k, v in metrics.items()}
         self._file.write(json.dumps({"step": step, **clean}) + "\n")
         self._file.flush()
         if self._tb is not None:
             for key, value in metrics.items():
-                self._tb.add_scalar(f"train/{key}", float(value), step)
+                self._tb.add_scalar(f"{group}/{key}", float(value), step)
 
     def close(self) -> None:
         self._file.close()

@@ -1,14 +1,49 @@
-"""``data2vec plot RUN_DIR``: a PNG of the training curves in metrics.jsonl."""
+"""``data2vec plot RUN_DIR``: a PNG of the training curves in metrics.jsonl.
+
+Pre-training runs get loss, target / prediction std, EMA τ and learning rate; fine-tuning runs
+(records with ``valid/*`` metrics, no τ) get training loss, the validation metrics, learning rate
+and gradient norm.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from data2vec.errors import DataError
 from data2vec.train.logging import read_metrics
 
 PANELS = (("loss", "loss"), ("target_std", "target / prediction std"), ("tau", "EMA τ"),
           ("lr", "learning rate"))
+FINETUNE_PANELS = (("loss", "training loss"), ("valid/", "validation"), ("lr", "learning rate"),
+                   ("grad_norm", "gradient norm"))
+
+
+def is_finetune(records: list[dict[str, Any]]) -> bool:
+    """A fine-tuning run's metrics: validation records, no EMA τ."""
+    keys = {k for r in records for k in r}
+    return any(k.startswith("valid/") for k in keys) or "tau" not in keys
+
+
+def _series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of the records that carry `key`."""
+    have = [r for r in records if key in r]
+    return [r["step"] for r in have], [float(r[key]) for r in have]
+
+
+def _draw(ax, records: list[dict[str, Any]], key: str) -> None:
+    if key == "valid/":  # one line per validation metric, points where it was measured
+        names = sorted({k for r in records for k in r
+                        if k.startswith("valid/") and k != "valid/examples"})
+        for name in names:
+            ax.plot(*_series(records, name), marker="o", label=name.removeprefix("valid/"))
+        if names:
+            ax.legend()
+        return
+    ax.plot(*_series(records, key), label=key)
+    if key == "target_std":
+        ax.plot(*_series(records, "pred_std"), label="pred_std")
+        ax.legend()
 
 
 def plot_run(run_dir: Path, out: Path | None = None) -> Path:
@@ -24,13 +59,10 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
     records = read_metrics(metrics_path)
     if not records:
         raise DataError(f"{metrics_path} is empty")
-    steps = [r["step"] for r in records]
-    fig, axes = plt.subplots(1, len(PANELS), figsize=(4 * len(PANELS), 3.2))
-    for ax, (key, title) in zip(axes, PANELS, strict=True):
-        ax.plot(steps, [float(r.get(key, "nan")) for r in records], label=key)
-        if key == "target_std":
-            ax.plot(steps, [float(r.get("pred_std", "nan")) for r in records], label="pred_std")
-            ax.legend()
+    panels = FINETUNE_PANELS if is_finetune(records) else PANELS
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
+    for ax, (key, title) in zip(axes, panels, strict=True):
+        _draw(ax, records, key)
         ax.set_title(title)
         ax.set_xlabel("update")
     fig.suptitle(str(run_dir))
