@@ -50,7 +50,7 @@ def build_alibi(cfg: Config) -> nn.Module | None:
 
 
 def build_task_model(cfg: Config, task: str, num_outputs: int, pooling: str = "mean",
-                     dropout: float = 0.0) -> FineTuneModel:
+                     dropout: float = 0.0, final_norm: bool | None = None) -> FineTuneModel:
     """A fine-tuned model's architecture (front-end, transformer, ALiBi, task head), freshly
     initialised: what a fine-tuned checkpoint or an imported HF task model is loaded into."""
     from data2vec.finetune.models import FineTuneModel
@@ -58,4 +58,4 @@ def build_task_model(cfg: Config, task: str, num_outputs: int, pooling: str = "m
     frontend = build_frontend(cfg.modality, cfg.model)
     encoder = build_encoder(cfg.model, frontend)
     return FineTuneModel(frontend, encoder, task, num_outputs, pooling, dropout,  # type: ignore
-                         build_alibi(cfg))
+                         build_alibi(cfg), final_norm)

@@ -298,6 +298,10 @@ def _register_optional(sub: argparse._SubParsersAction) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; project errors become one line on stderr and exit code 2."""
+    # OpenMP threads that sleep at barriers instead of spinning: with another process on the
+    # cores, spinning threads made 2-thread steps 7-30x slower (benchmarks/threads.py). Must be
+    # set before torch starts its OpenMP runtime; a user's own setting wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # dotted overrides may come anywhere on the line, after options too

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from data2vec.errors import DataError
 from data2vec.loading import Layers, LoadedModel
+from data2vec.runtime import honour_umask
 
 Format = Literal["npy", "safetensors"]
 
@@ -135,6 +136,7 @@ def extract(model: LoadedModel, items: Sequence[Item], out_dir: str | Path,
                 records[index] = record
             if tensors:
                 save_file(tensors, out / shard)
+                honour_umask(out / shard)  # safetensors writes 0600
             bar.update(len(batch))
     finally:
         bar.close()

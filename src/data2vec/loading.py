@@ -285,28 +285,41 @@ def run_dir_of(checkpoint: Path) -> Path:
     return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint
 
 
-def find_tokenizer(cfg: Config, places: Sequence[Path]) -> Any:
-    """Text: the BPE in the first of `places`, ``data.tokenizer`` or the data directory that holds
-    ``vocab.json`` + ``merges.txt`` (never trains one); None when there is none."""
-    from data2vec.data.demo import default_demo_dir
+def find_tokenizer(cfg: Config, places: Sequence[Path], trained_here: bool = False) -> Any:
+    """Text: the BPE in the first of `places` that holds ``vocab.json`` + ``merges.txt``; for a
+    model trained here (`trained_here`) also ``data.tokenizer`` or its data directory's (an
+    imported model's config names the preset's data, not its own), if its ids fit the model's
+    vocabulary. Never trains one; None when there is none."""
     from data2vec.data.tokenizer import MERGES_FILE, VOCAB_FILE, BPETokenizer
 
     if cfg.modality != "text":
         return None
-    candidates = [Path(p) for p in places]
+    def found(directory: Path) -> bool:
+        return (directory / VOCAB_FILE).is_file() and (directory / MERGES_FILE).is_file()
+
+    for directory in places:  # the model's own: trusted
+        if found(Path(directory)):
+            return BPETokenizer.load(directory)
+    for directory in _data_tokenizer_dirs(cfg) if trained_here else []:
+        if found(directory):
+            tokenizer = BPETokenizer.load(directory)
+            if tokenizer.vocab_size <= cfg.model.frontend.vocab_size:  # else not the model's
+                return tokenizer
+    return None
+
+
+def _data_tokenizer_dirs(cfg: Config) -> list[Path]:
+    """Where pre-training put the tokenizer: ``data.tokenizer``, else beside the data."""
+    from data2vec.data.demo import default_demo_dir
+
     if cfg.data.tokenizer:
-        candidates.append(Path(cfg.data.tokenizer).expanduser())
+        return [Path(cfg.data.tokenizer).expanduser()]
     if cfg.data.path:
         first = Path(cfg.data.path.split(",")[0]).expanduser()
-        candidates.append((first if first.is_dir() else first.parent) / "tokenizer")
-    else:
-        demo = (Path(cfg.data.demo_dir).expanduser() / "text" if cfg.data.demo_dir
-                else default_demo_dir("text"))
-        candidates.append(demo / "tokenizer")
-    for directory in candidates:
-        if (directory / VOCAB_FILE).is_file() and (directory / MERGES_FILE).is_file():
-            return BPETokenizer.load(directory)
-    return None
+        return [(first if first.is_dir() else first.parent) / "tokenizer"]
+    demo = (Path(cfg.data.demo_dir).expanduser() / "text" if cfg.data.demo_dir
+            else default_demo_dir("text"))
+    return [demo / "tokenizer"]
 
 
 def load_checkpoint(path: str | Path, tokenizer: str | Path | None = None,
@@ -329,13 +342,14 @@ def load_checkpoint(path: str | Path, tokenizer: str | Path | None = None,
         finetune = from_dict(FinetuneConfig, state["finetune"])
         labels = _labels(state.get("labels") or {})
         network = build_task_model(cfg, finetune.task, num_outputs(finetune.task, labels),
-                                   finetune.pooling, finetune.dropout)
+                                   finetune.pooling, finetune.dropout,
+                                   state.get("final_norm", True))  # absent: runs before the rule
     else:
         network = build_model(cfg)
     ckpt.load_model_weights(network, ckpt.load_weights(where), str(where))
     places = [Path(tokenizer)] if tokenizer else []
     places += [run_dir_of(where) / "tokenizer", where / "tokenizer"]
-    found = find_tokenizer(cfg, places)
+    found = find_tokenizer(cfg, places, trained_here="imported_from" not in state)
     if tokenizer and found is None:
         raise DataError(f"tokenizer={tokenizer}: no vocab.json + merges.txt there")
     return LoadedModel(network, cfg, source=str(where), state=state, finetune=finetune,

@@ -43,6 +43,26 @@ def set_threads(threads: int = 0) -> int:
     return count
 
 
+def current_umask() -> int:
+    """The process umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(path: str | os.PathLike) -> None:
+    """Give `path` (and, for a directory, everything under it) the modes a plain ``open`` /
+    ``mkdir`` would have: some writers (safetensors, ``tempfile.mkdtemp``) create 0600 / 0700."""
+    from pathlib import Path
+
+    mask = current_umask()
+    root = Path(path)
+    for item in [root, *root.rglob("*")] if root.is_dir() else [root]:
+        if item.is_symlink():
+            continue
+        item.chmod((0o777 if item.is_dir() else 0o666) & ~mask)
+
+
 def is_main_process() -> bool:
     """False on every torchrun rank but 0 (RANK set by torchrun), so only one prints."""
     return os.environ.get("RANK", "0") == "0"
@@ -54,4 +74,5 @@ def say(*parts: object) -> None:
         print(*parts, file=sys.stdout, flush=True)
 
 
-__all__ = ["default_threads", "is_main_process", "say", "set_threads", "usable_cores"]
+__all__ = ["current_umask", "default_threads", "honour_umask", "is_main_process", "say",
+           "set_threads", "usable_cores"]

@@ -462,7 +462,8 @@ def _save(run_dir: Path, model: FineTuneModel, cfg: Config, ft: FinetuneConfig,
     ``checkpoints/best``."""
     state = {"step": step, "config": to_dict(cfg), "finetune": to_dict(ft),
              "labels": {"vocab": labels["vocab"].symbols} if "vocab" in labels
-             else {"classes": list(labels["classes"])}, "train_examples": num_train}
+             else {"classes": list(labels["classes"])}, "train_examples": num_train,
+             "final_norm": model.use_final_norm}
     root = Path(run_dir) / "checkpoints"
     if best:
         return ckpt.write_checkpoint_dir(root / "best", model, state)

@@ -75,10 +75,17 @@ class FineTuneModel(nn.Module):
 
     def __init__(self, frontend: FrontEnd, encoder: TransformerEncoder, task: Task,
                  num_outputs: int, pooling: Pooling = "mean", dropout: float = 0.0,
-                 alibi: nn.Module | None = None) -> None:
+                 alibi: nn.Module | None = None, final_norm: bool | None = None) -> None:
         super().__init__()
         self.frontend, self.encoder, self.task, self.pooling = frontend, encoder, task, pooling
         self.alibi = alibi
+        if final_norm is None:  # BEiT / data2vec 1.0: mean pooling replaces the final norm
+            final_norm = not (task == "image-cls" and pooling == "mean")
+        self.use_final_norm = final_norm
+        """Whether the encoder's final LayerNorm (pre-LN image models) runs before the head.
+        Image classification with mean pooling skips it, as BEiT's fine-tuning (``norm`` =
+        Identity, ``fc_norm`` on the mean) and HF's Data2VecVisionForImageClassification do;
+        runs fine-tuned before this rule (state without ``final_norm``) keep it."""
         """data2vec 2.0 speech: the pre-trained ALiBi bias (learned per-head scales), which the
         encoder was trained with and keeps using (and fine-tuning) here, as fairseq does."""
         # fc_norm shares the encoder's epsilon (1e-6 in every image preset), as HF's pooler does
@@ -101,7 +108,11 @@ class FineTuneModel(nn.Module):
             if channels is not None:
                 local = local.masked_fill(channels.unsqueeze(1), 0.0)
             x, padding = self.frontend.contextualize(local, padding, mask)
-            return self.encoder(x, padding, self._alibi_bias(local.shape[1], x.device)).x, padding
+            bias = self._alibi_bias(local.shape[1], x.device)
+            if self.use_final_norm:
+                return self.encoder(x, padding, bias).x, padding
+            out = self.encoder(x, padding, bias, collect_layers=1, target_source="block")
+            return out.layer_results[-1], padding  # the last block, before the final norm
 
     def _alibi_bias(self, length: int, device: torch.device) -> Tensor | None:
         if self.alibi is None:

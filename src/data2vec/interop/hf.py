@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from data2vec.config import Config, config_from_dict, load_config, to_dict
 from data2vec.errors import CheckpointError, ConfigError
 from data2vec.files import read_text
 from data2vec.interop.common import ImportReport, check_keys, write_run
+from data2vec.interop.hf_processors import write_preprocessing
 from data2vec.interop.hf_tasks import (
     build_task_network,
     detect_task,
@@ -44,6 +45,7 @@ from data2vec.interop.hf_tasks import (
 from data2vec.interop.safe_unpickle import load_checkpoint_file
 from data2vec.modalities.speech import parse_conv_spec
 from data2vec.objective.data2vec import Data2Vec
+from data2vec.runtime import honour_umask
 
 MODEL_TYPES = {"data2vec-audio": "speech", "data2vec-vision": "image", "data2vec-text": "text"}
 HF_CLASSES = {"speech": "Data2VecAudioModel", "image": "Data2VecVisionModel",
@@ -516,10 +518,15 @@ def _task_config(cfg: Config, task: str, ft: dict[str, Any], labels: dict[str, A
     elif task == "audio-cls":
         extra.update(classifier_proj_size=enc.dim, use_weighted_layer_sum=False,
                      problem_type="multi_label_classification")
-    elif task == "image-cls" and (enc.final_norm or ft.get("pooling", "mean") != "mean"):
-        raise _refuse("model.encoder.final_norm=true with the image-cls head",
-                      "HF Data2VecVisionForImageClassification mean-pools the patches "
-                      "without a final LayerNorm before its pooler LayerNorm")
+    elif task == "image-cls" and ft.get("pooling", "mean") != "mean":
+        raise _refuse(f"pooling={ft.get('pooling')} with the image-cls head",
+                      "HF Data2VecVisionForImageClassification mean-pools the patch tokens")
+    elif task == "image-cls" and enc.final_norm:
+        raise _refuse("an image-cls head fine-tuned after the encoder's final LayerNorm "
+                      "(a run from before mean pooling skipped it, as BEiT does)",
+                      "HF Data2VecVisionForImageClassification mean-pools the last block's "
+                      "output without a final LayerNorm; LayerNorm(mean(LayerNorm(x))) has no "
+                      "exact equivalent there: fine-tune again to export")
     return extra
 
 
@@ -546,6 +553,11 @@ def build_hf_task_model(cfg: Config, model: Any, ft: dict[str, Any], labels: dic
     """The HF task model (…ForCTC / …ForSequenceClassification / …ForImageClassification)
     carrying a fine-tuned model's encoder and head (eval mode)."""
     task = ft["task"]
+    if task == "image-cls" and not getattr(model, "use_final_norm", True):
+        # The encoder's final norm is unused by this head (BEiT mean pooling): HF's
+        # use_mean_pooling model has none, and the pooler LayerNorm is our fc_norm.
+        cfg = replace(cfg, model=replace(cfg.model, encoder=replace(cfg.model.encoder,
+                                                                    final_norm=False)))
     _, config_cls = _hf_model_class(cfg.modality)
     cls = getattr(_transformers(), TASK_CLASSES[task])
     num_outputs = [m for m in model.head.modules() if isinstance(m, torch.nn.Linear)][-1] \
@@ -565,33 +577,34 @@ def export_hf(path: str | Path, out_dir: str | Path) -> Path:
     """Write the model at `path` (anything :func:`data2vec.load` reads) as a HF directory.
 
     A pre-trained model becomes the base model, a fine-tuned one (``data2vec finetune`` or an
-    imported task model) the matching task model, with ``vocab.json`` (CTC letters, blank = id 0)
-    for speech recognition. data2vec 2.0 models get their own model code in the directory (see
-    :mod:`.hf_v2`).
+    imported task model) the matching task model; beside the weights go the files HF's Auto*
+    classes and pipelines read (:mod:`.hf_processors`: tokenizer, feature extractor, CTC
+    processor with ``vocab.json`` (blank = id 0), image processor). Files honour the umask.
+    data2vec 2.0 models get their own model code in the directory (:mod:`.hf_v2`).
     """
     from data2vec.loading import load
 
     loaded = load(path)
+    out_dir = Path(out_dir)
     if loaded.version == 2:  # no transformers class: ship our code
         from data2vec.interop.hf_v2 import export_loaded_v2
 
-        return export_loaded_v2(loaded, Path(out_dir))
-    if loaded.task is not None:
-        labels = raw_labels(loaded.labels)
-        hf = build_hf_task_model(loaded.cfg, loaded.network, to_dict(loaded.finetune), labels)
+        export_loaded_v2(loaded, out_dir)
     else:
-        hf = build_hf_model(loaded.cfg, loaded.network)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # What save_pretrained writes for these untied models, without its progress bar.
-    hf.config.architectures = [type(hf).__name__]
-    hf.config.save_pretrained(out_dir)
-    weights = {k: v.detach().contiguous() for k, v in hf.state_dict().items()}
-    save_file(weights, out_dir / "model.safetensors", metadata={"format": "pt"})
-    if loaded.task == "asr":
-        vocab = loaded.labels["vocab"].symbols
-        (out_dir / "vocab.json").write_text(json.dumps({s: i for i, s in enumerate(vocab)},
-                                                       indent=1) + "\n")
+        if loaded.task is not None:
+            labels = raw_labels(loaded.labels)
+            hf = build_hf_task_model(loaded.cfg, loaded.network, to_dict(loaded.finetune),
+                                     labels)
+        else:
+            hf = build_hf_model(loaded.cfg, loaded.network)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        # What save_pretrained writes for these untied models, without its progress bar.
+        hf.config.architectures = [type(hf).__name__]
+        hf.config.save_pretrained(out_dir)
+        weights = {k: v.detach().contiguous() for k, v in hf.state_dict().items()}
+        save_file(weights, out_dir / "model.safetensors", metadata={"format": "pt"})
+    write_preprocessing(out_dir, loaded)  # tokenizer / feature extractor / processor files
+    honour_umask(out_dir / "model.safetensors")  # safetensors writes 0600
     return out_dir
 
 

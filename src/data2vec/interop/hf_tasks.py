@@ -196,7 +196,7 @@ def write_task_run(out: Path, model, cfg: Config, ft, labels: dict[str, Any], di
     report.notes.append(f"imported as a fine-tuned {ft.task} run: 'data2vec evaluate {out}' and "
                         f"'data2vec export --to hf {out} DIR' read it")
     return write_run(Path(out), cfg, model, report, finetune=to_dict(ft), labels=labels,
-                     tokenizer_from=directory)
+                     final_norm=model.use_final_norm, tokenizer_from=directory)
 
 
 __all__ = ["ARCHITECTURES", "build_task_network", "detect_task", "head_from_hf", "split_head",

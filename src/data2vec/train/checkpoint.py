@@ -29,6 +29,7 @@ from torch import nn
 
 from data2vec.errors import CheckpointError
 from data2vec.interop.safe_unpickle import refuse_code_archive
+from data2vec.runtime import honour_umask
 
 WEIGHTS = "model.safetensors"
 STATE = "state.pt"
@@ -117,6 +118,7 @@ def write_checkpoint_dir(final: Path, model: nn.Module, state: dict[str, Any]) -
         _save_state(state, tmp / STATE)
         for name in (WEIGHTS, STATE):
             _fsync(tmp / name)
+        honour_umask(tmp / WEIGHTS)  # safetensors writes 0600; a checkpoint is not private
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

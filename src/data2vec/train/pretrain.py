@@ -62,6 +62,15 @@ def init_config(cfg: Config, init: Path) -> Config:
     return cfg
 
 
+def _keep_tokenizer(cfg: Config, run_dir: Path) -> None:
+    """Text: a copy of the BPE in RUN/tokenizer, so the run alone is enough to read text with
+    (data2vec.load, extract, export)."""
+    if cfg.modality == "text":
+        from data2vec.data.loader import load_or_train_tokenizer
+
+        load_or_train_tokenizer(cfg).save(run_dir / "tokenizer")
+
+
 def pretrain(cfg: Config, run_dir: Path, resume: bool = False, init: Path | None = None,
              overwrite: bool = False) -> dict[str, float]:
     """Pre-train `cfg` into `run_dir`; with `resume`, continue from its latest checkpoint; with
@@ -148,6 +157,7 @@ def _take_run_dir(lock: RunLock, run_dir: Path, cfg: Config, overwrite: bool) ->
     tmp = run_dir / ".config.yaml.tmp"
     tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     tmp.replace(run_dir / "config.yaml")
+    _keep_tokenizer(cfg, run_dir)
 
 
 def _report_skipped(batches: object) -> None:
