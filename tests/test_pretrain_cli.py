@@ -86,6 +86,7 @@ def test_two_processes_equal_one_with_same_global_batch(tmp_path: Path, demo_hom
            "-m", "data2vec.cli", *common, "--out", str(tmp_path / "two"), "data.batch_size=4"]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("done:") == 1  # the summary comes from rank 0 only
     one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     assert sorted(one) == sorted(two) == [1, 2, 3, 4]
     for step in one:

@@ -27,8 +27,9 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "default" in text or action.default in (None, False, argparse.SUPPRESS) \
-                or not action.option_strings:
+        unset = action.default is None or action.default is False \
+            or action.default == argparse.SUPPRESS
+        if "default" in text or unset or not action.option_strings:
             return text
         return f"{text} (default {action.default})"
 
