@@ -113,3 +113,13 @@ def test_plot_draws_finetuning_curves(run: tuple[Path, str], tmp_path: Path) -> 
     image = matplotlib.image.imread(tmp_path / "c.png")
     assert image.shape[1] >= 4 * 100 * len(FINETUNE_PANELS) * 0.9  # a panel per curve group
     assert image.std() > 0.05  # lines were drawn, not empty panels
+
+
+def test_best_asr_checkpoint_breaks_wer_ties_by_cer(tmp_path: Path) -> None:
+    from data2vec.finetune.runs import FinetuneRun, main_metric
+
+    run = FinetuneRun(tmp_path / "asr", 30, main_metric("asr", "", None), progress=False)
+    seen = [run.validation(step, "valid", 9, {"wer": 1.0, "cer": cer})
+            for step, cer in ((10, 0.95), (20, 0.90), (30, 0.92))]
+    run.close()
+    assert seen == [True, True, False] and run.best_step == 20 and run.best == 1.0

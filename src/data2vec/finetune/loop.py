@@ -441,8 +441,8 @@ def finetune(ft: FinetuneConfig, run_dir: Path, model_overrides: list[str] | Non
     summary = {"task": ft.task, "split": ft.eval_split, "examples": scored.examples,
                "metrics": scored.metrics, "steps": ft.max_steps, "train_examples": len(train),
                "best_metric": run.metric, "best": run.best, "best_step": run.best_step,
-               "run": str(run_dir), **{k: v for k, v in result.items()
-                                       if k not in scored.metrics}}
+               "final_train_loss": result["final_train_loss"],
+               "train_seconds": result["train_seconds"], "run": str(run_dir)}
     run.finish(summary)
     from data2vec.finetune.runs import summary_line
 

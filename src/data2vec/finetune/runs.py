@@ -38,7 +38,8 @@ SUMMARY_FILE = "finetune.json"
 
 
 def main_metric(task: str, glue: str, classes: list[str] | None) -> tuple[str, bool]:
-    """(metric that picks the best checkpoint, higher is better) of a task."""
+    """(metric that picks the best checkpoint, higher is better) of a task; ASR breaks WER ties
+    (all 1.0 early on) by CER."""
     if task == "asr":
         return "wer", False
     if task == "audio-cls":
@@ -64,6 +65,7 @@ class FinetuneRun:
         self.metric, self.higher = metric
         self.best: float | None = None
         self.best_step = 0
+        self._best_score: tuple[float, ...] | None = None
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.main = is_main_process()
         setup_console_logging(self.run_dir, self.main)
@@ -103,15 +105,21 @@ class FinetuneRun:
         if self.writer is not None:
             self.writer.write(step, {"examples": examples, **metrics}, group="valid")
         value = metrics.get(self.metric, math.nan)
-        better = math.isfinite(value) and (
-            self.best is None or (value > self.best if self.higher else value < self.best))
+        score = self._score(metrics)
+        better = math.isfinite(value) and (self._best_score is None or score > self._best_score)
         if better:
-            self.best, self.best_step = value, step
+            self.best, self.best_step, self._best_score = value, step, score
         self._postfix[f"{split} {self.metric}"] = f"{value:.4f}"
         self.bar.set_postfix(self._postfix, refresh=True)
         log.info("step %d/%d: %s (%d examples): %s%s", step, self.max_steps, split, examples,
                  format_metrics(metrics), " (best)" if better else "")
         return better
+
+    def _score(self, metrics: dict[str, float]) -> tuple[float, ...]:
+        """Larger is better: the main metric, then (WER ties) the CER."""
+        sign = 1.0 if self.higher else -1.0
+        tiebreak = -metrics["cer"] if self.metric == "wer" and "cer" in metrics else 0.0
+        return sign * metrics.get(self.metric, math.nan), tiebreak
 
     @property
     def final_train_loss(self) -> float:
