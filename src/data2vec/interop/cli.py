@@ -64,7 +64,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("source", type=Path, help="run directory or checkpoint directory")
     p.add_argument("out_dir", type=Path, help="output directory (config.json + model.safetensors"
                    " [+ the data2vec 2.0 model code])")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty out_dir")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty OUT_DIR (default: refuse)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("import", help="build a run directory from HF or fairseq weights",
