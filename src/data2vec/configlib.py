@@ -56,6 +56,8 @@ def _convert(value: Any, tp: Any, key: str, root: Mapping[str, Any], resolved: t
                 return _convert(value, option, key, root, None)
             except ConfigError as e:
                 errors.append(str(e))
+        if len(errors) == 1:  # `X | None`: X's own error names the key at fault
+            raise ConfigError(errors[0])
         raise ConfigError(f"config key '{key}': {value!r} is not {_type_name(tp)}")
     if origin is Literal:
         if value not in get_args(tp):
