@@ -206,7 +206,14 @@ def preset_path(modality: str, size: str, version: int = 1) -> Path:
 def load_config(modality: str, size: str = "tiny", version: int = 1,
                 config_file: str | Path | None = None,
                 overrides: list[str] | None = None) -> Config:
-    """Preset, then the user's YAML file, then dotted overrides; validated."""
+    """Preset, then the user's YAML file, then dotted overrides; validated.
+
+    Several comma-separated modalities (``'speech,image,text'``) give a joint run's config, a
+    :class:`~data2vec.joint_config.JointConfig` (see there)."""
+    if "," in modality:
+        from data2vec.joint_config import load_joint_config
+
+        return load_joint_config(modality, size, version, config_file, overrides)
     if modality not in MODALITIES:
         raise ConfigError(f"modality {modality!r} is not one of {', '.join(MODALITIES)}")
     data = load_yaml(preset_path(modality, size, version))
@@ -223,14 +230,24 @@ def load_config(modality: str, size: str = "tiny", version: int = 1,
 
 
 def config_from_dict(data: Mapping[str, Any]) -> Config:
-    """Rebuild a Config saved with :func:`to_dict` (checkpoints)."""
+    """Rebuild a Config saved with :func:`to_dict` (checkpoints); a joint run's gives its
+    :class:`~data2vec.joint_config.JointConfig`."""
+    if "," in str(data.get("modality", "")):
+        from data2vec.joint_config import joint_config_from_dict
+
+        return joint_config_from_dict(data)
     cfg = from_dict(Config, data)
     validate(cfg)
     return cfg
 
 
 def validate(cfg: Config) -> None:
-    """Every field's range (see :data:`RULES`), every float finite, then cross-field checks."""
+    """Every field's range (see :data:`RULES`), every float finite, then cross-field checks
+    (a joint run's: each part's, see :func:`data2vec.joint_config.validate_joint`)."""
+    if not isinstance(cfg, Config):
+        from data2vec.joint_config import validate_joint
+
+        return validate_joint(cfg)
     _check_ranges(cfg)
     enc, obj = cfg.model.encoder, cfg.model.objective
     if enc.dim % enc.num_heads:
