@@ -21,6 +21,9 @@ class Batch:
                     kept); the teacher always reads the clean ``source``.
     target:         labels for fine-tuning (class ids, multi-hot vectors or CTC label ids).
     target_lengths: CTC label lengths.
+    modality:       joint multi-modal pre-training: which modality this batch is ('speech',
+                    'image' or 'text'); the joint model sends it to that modality's part.
+                    None in single-modality runs.
     """
 
     source: Tensor
@@ -29,6 +32,7 @@ class Batch:
     student_source: Tensor | None = None
     target: Tensor | None = None
     target_lengths: Tensor | None = None
+    modality: str | None = None
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         """Move every tensor to `device`."""

@@ -13,6 +13,8 @@ from data2vec.objective.data2vec import Data2Vec
 
 if TYPE_CHECKING:  # the fine-tuning package imports this module
     from data2vec.finetune.models import FineTuneModel
+    from data2vec.joint_config import JointConfig
+    from data2vec.objective.joint import JointData2Vec
 
 
 def build_frontend(modality: str, model_cfg: ModelConfig) -> FrontEnd:
@@ -29,10 +31,16 @@ def build_encoder(model_cfg: ModelConfig, frontend: FrontEnd) -> TransformerEnco
     return TransformerEncoder(model_cfg.encoder, window_size=frontend.window_size)
 
 
-def build_model(cfg: Config) -> Data2Vec:
-    """data2vec model (student + EMA teacher) for ``cfg.modality`` and ``cfg.version``."""
+def build_model(cfg: Config | JointConfig, encoder: TransformerEncoder | None = None
+                ) -> Data2Vec | JointData2Vec:
+    """data2vec model (student + EMA teacher) for ``cfg.modality`` and ``cfg.version``; a joint
+    config gives a :class:`~data2vec.objective.joint.JointData2Vec`. `encoder`: build the model
+    around this transformer instead of a new one (the joint model's parts share one)."""
+    if not isinstance(cfg, Config):
+        return build_joint_model(cfg)
     frontend = build_frontend(cfg.modality, cfg.model)
-    encoder = build_encoder(cfg.model, frontend)
+    if encoder is None:
+        encoder = build_encoder(cfg.model, frontend)
     if cfg.version == 2:
         from data2vec.objective.data2vec2 import Data2VecV2
 
@@ -59,3 +67,14 @@ def build_task_model(cfg: Config, task: str, num_outputs: int, pooling: str = "m
     encoder = build_encoder(cfg.model, frontend)
     return FineTuneModel(frontend, encoder, task, num_outputs, pooling, dropout,  # type: ignore
                          build_alibi(cfg), final_norm)
+
+
+def build_joint_model(cfg: JointConfig) -> JointData2Vec:
+    """One shared transformer, each modality's part built around it (its front-end, head or
+    decoder, objective), one EMA teacher."""
+    from data2vec.objective.joint import JointData2Vec
+
+    encoder = TransformerEncoder(cfg.model.encoder)  # no patch grid: no relative position bias
+    parts = {m: build_model(view, encoder) for m, view in cfg.views().items()}
+    return JointData2Vec(parts, cfg.model.ema_start, cfg.model.ema_end,
+                         cfg.model.ema_anneal_steps)
