@@ -390,7 +390,12 @@ def _text_loader(cfg: Config, path: Path, split: str, rank: int, world_size: int
 
 def build_pretrain_loader(cfg: Config, split: str = "train", rank: int = 0, world_size: int = 1,
                           tokenizer: BPETokenizer | None = None) -> PretrainLoader:
-    """The endless pre-training loader of ``cfg.modality`` for this rank (see the module doc)."""
+    """The endless pre-training loader of ``cfg.modality`` for this rank (see the module doc);
+    a joint run's config gives :class:`~data2vec.data.joint.JointBatches`."""
+    if not isinstance(cfg, Config):
+        from data2vec.data.joint import build_joint_loader
+
+        return build_joint_loader(cfg, split, rank, world_size)
     if not 0 <= rank < world_size:
         raise ConfigError(f"rank {rank} is outside world size {world_size}")
     if cfg.data.batch_size < 1 and not (cfg.modality == "speech" and cfg.data.max_tokens > 0):
