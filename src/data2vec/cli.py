@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from data2vec import __version__
-from data2vec.errors import Data2VecError
+from data2vec.errors import ConfigError, Data2VecError
 from data2vec.runtime import say
 
 if TYPE_CHECKING:
@@ -48,9 +48,20 @@ def version_text() -> str:
             f"{platform.python_version()})")
 
 
+def modality_list(text: str) -> str:
+    """--modality: one of speech / image / text, or several comma-separated (a joint run)."""
+    names = [m.strip() for m in text.split(",")]
+    if any(m not in ("speech", "image", "text") for m in names) or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(
+            f"invalid choice: {text!r} (choose speech, image or text, or several of them "
+            "comma-separated for joint pre-training, e.g. speech,image,text)")
+    return ",".join(names)
+
+
 def _pretrain_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--modality", required=True, choices=["speech", "image", "text"],
-                   help="what to pre-train on (required)")
+    p.add_argument("--modality", required=True, type=modality_list,
+                   help="speech | image | text, or several comma-separated: one model "
+                   "pre-trained on all of them (joint, e.g. speech,image,text; required)")
     p.add_argument("--preset", default="tiny", help="tiny | base | large (default tiny)")
     p.add_argument("--version", type=int, default=1, choices=[1, 2],
                    help="data2vec 1.0 or 2.0")
@@ -91,9 +102,13 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         overrides.append("data.skip_bad=true")
     if args.device:
         overrides.append(f"run.device={args.device}")
-    out = args.out or DEFAULT_RUNS / f"{args.modality}-v{args.version}-{args.preset}"
+    name = args.modality.replace(",", "+")  # joint runs: runs/speech+image+text-v1-tiny
+    out = args.out or DEFAULT_RUNS / f"{name}-v{args.version}-{args.preset}"
     cfg = load_config(args.modality, args.preset, args.version, args.config, overrides)
     if args.data is not None:  # a path, taken literally (never parsed as YAML)
+        if "," in args.modality:
+            raise ConfigError("--data: a joint run reads one data path per modality; set "
+                              + " ".join(f"{m}.data.path=DIR" for m in args.modality.split(",")))
         cfg.data.path = str(args.data)
         overrides.append("data.path=")  # marks it as given (a resumed run takes it)
     if args.init and not args.resume:
@@ -144,9 +159,17 @@ def _resumed_config(cfg: Config, saved: Config | None, out: Path,
     for key in RESUME_SETTINGS:
         if _given(overrides, key):
             section, name = key.split(".")
-            setattr(getattr(saved, section), name, getattr(getattr(cfg, section), name))
+            for new, old in zip(_sections(cfg, section), _sections(saved, section), strict=True):
+                setattr(old, name, getattr(new, name))
     saved.run.stop_at = cfg.run.stop_at if _given(overrides, "run.stop_at") else 0
     return saved
+
+
+def _sections(cfg: Config, section: str) -> list:
+    """``cfg.<section>``; a joint run's ``data``: each modality's data section."""
+    if section == "data" and hasattr(cfg, "views"):
+        return [view.data for view in cfg.views().values()]
+    return [getattr(cfg, section)]
 
 
 def _stopped(signum: int, step: int, out: Path, cfg: Config) -> int:

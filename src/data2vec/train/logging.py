@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import sys
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -95,3 +96,30 @@ def collapse_alarm(target_std: float, pred_std: float, min_target: float,
     if pred_std < min_pred:
         problems.append(f"prediction std {pred_std:.4f} < {min_pred}")
     return "; ".join(problems) or None
+
+
+class ModalityMeans:
+    """Joint runs: each modality's step metrics, averaged over its updates between two log
+    lines, as ``<modality>/<metric>`` (e.g. ``image/loss``) plus ``<modality>/updates``."""
+
+    def __init__(self) -> None:
+        self._sums: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+        self._counts: dict[str, int] = defaultdict(int)
+
+    def add(self, modality: str | None, metrics: dict[str, float]) -> None:
+        """Record one update of `modality` (None: a single-modality run, nothing recorded)."""
+        if modality is None:
+            return
+        self._counts[modality] += 1
+        for key, value in metrics.items():
+            self._sums[modality][key] += float(value)
+
+    def flush(self) -> dict[str, float]:
+        """The means since the last flush, then start over."""
+        out = {}
+        for modality, count in sorted(self._counts.items()):
+            out.update({f"{modality}/{k}": v / count for k, v in self._sums[modality].items()})
+            out[f"{modality}/updates"] = float(count)
+        self._sums.clear()
+        self._counts.clear()
+        return out

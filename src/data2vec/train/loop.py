@@ -33,7 +33,12 @@ from data2vec.config import Config, to_dict
 from data2vec.errors import CheckpointError, Data2VecError, DataError
 from data2vec.train import checkpoint as ckpt
 from data2vec.train.distributed import DistInfo, all_reduce_sum, unwrap
-from data2vec.train.logging import MetricsWriter, collapse_alarm, truncate_metrics
+from data2vec.train.logging import (
+    MetricsWriter,
+    ModalityMeans,
+    collapse_alarm,
+    truncate_metrics,
+)
 from data2vec.train.optim import lr_at, set_lr
 
 log = logging.getLogger("data2vec")
@@ -61,6 +66,10 @@ def _numpy_state_to_torch(state: dict[str, Any]) -> dict[str, Any]:
 def _numpy_state_from_torch(state: dict[str, Any]) -> dict[str, Any]:
     name, keys, pos, has_gauss, cached = state["numpy"]
     return {**state, "numpy": (name, keys.numpy().astype(np.uint32), pos, has_gauss, cached)}
+
+
+PER_MODALITY = ("loss", "target_std", "pred_std", "masked_fraction", "grad_norm")
+"""What a joint run also logs per modality (``<modality>/<key>``, see ModalityMeans)."""
 
 
 @dataclass
@@ -101,6 +110,8 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         self._saved_step = -1
         self._stop_votes = 0.0
+        self.modality_means = ModalityMeans()
+        """Joint runs: each modality's metrics between log lines (empty for one modality)."""
 
     # ----------------------------------------------------------------- state
     def state(self) -> dict[str, Any]:
@@ -327,12 +338,14 @@ class Trainer:
                 end = min(run.max_steps, run.stop_at) if run.stop_at > 0 else run.max_steps
                 while self.step < end:
                     start = time.perf_counter()
-                    result = self.train_step(self._fetch())
+                    micro_batches = self._fetch()
+                    result = self.train_step(micro_batches)
                     if result.skipped:
                         self._on_nonfinite(result)
                     else:
                         self._consecutive_skips = 0
-                        last = self._record(result, time.perf_counter() - start, writer)
+                        last = self._record(result, time.perf_counter() - start, writer,
+                                            micro_batches[0].modality)
                         bar.update(1)
                         bar.set_postfix(loss=f"{result.loss:.4f}", tau=f"{result.tau:.5f}",
                                         tstd=f"{result.target_std:.3f}", lr=f"{result.lr:.2e}",
@@ -353,18 +366,20 @@ class Trainer:
                         signal.Signals(self.stopped_by).name, self.step, self.last_checkpoint)
         return last
 
-    def _record(self, result: StepResult, elapsed: float,
-                writer: MetricsWriter | None) -> dict[str, float]:
+    def _record(self, result: StepResult, elapsed: float, writer: MetricsWriter | None,
+                modality: str | None = None) -> dict[str, float]:
+        """Log one update; `modality`: a joint run's modality of the update (else None)."""
         run = self.cfg.run
         last = {"step": self.step, **{k: v for k, v in vars(result).items() if k != "skipped"},
                 "steps_per_s": 1 / elapsed, "samples_per_s": result.samples / elapsed}
-        self._watch_collapse(result)
+        self.modality_means.add(modality, {k: v for k, v in last.items() if k in PER_MODALITY})
+        self._watch_collapse(result, modality)
         if writer is not None and (self.step % run.log_every == 0 or self.step == 1):
             writer.write(self.step, {**{k: v for k, v in last.items() if k != "step"},
-                                     **self._skip_counts()})
+                                     **self._skip_counts(), **self.modality_means.flush()})
         return last
 
-    def _watch_collapse(self, result: StepResult) -> None:
+    def _watch_collapse(self, result: StepResult, modality: str | None = None) -> None:
         run = self.cfg.run
         if self.step < run.collapse_after_steps:
             return
@@ -372,6 +387,8 @@ class Trainer:
                                  run.collapse_min_target_std, run.collapse_min_pred_std)
         if message is None:
             return
+        if modality is not None:  # joint runs: whose representation it is
+            message = f"{modality}: {message}"
         log.warning("!!! COLLAPSE ALARM at step %d: %s", self.step, message)
         if run.abort_on_collapse:
             path = self.save()

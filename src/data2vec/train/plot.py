@@ -1,8 +1,8 @@
 """``data2vec plot RUN_DIR``: a PNG of the training curves in metrics.jsonl.
 
-Pre-training runs get loss, target / prediction std, EMA τ and learning rate; fine-tuning runs
-(records with ``valid/*`` metrics, no τ) get training loss, the validation metrics, learning rate
-and gradient norm.
+Pre-training runs get loss, target / prediction std (joint runs: one line per modality), EMA τ
+and learning rate; fine-tuning runs (records with ``valid/*`` metrics, no τ) get training loss,
+the validation metrics, learning rate and gradient norm.
 """
 
 from __future__ import annotations
@@ -31,7 +31,22 @@ def _series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[fl
     return [r["step"] for r in have], [float(r[key]) for r in have]
 
 
+def joint_modalities(records: list[dict[str, Any]]) -> list[str]:
+    """A joint pre-training run's modalities (it logs ``<modality>/loss``), else []."""
+    return sorted({k.split("/")[0] for r in records for k in r
+                   if k.endswith("/loss") and not k.startswith("valid/")})
+
+
 def _draw(ax, records: list[dict[str, Any]], key: str) -> None:
+    joint = joint_modalities(records)
+    if joint and key in ("loss", "target_std"):  # the overall value jumps between modalities
+        for modality in joint:
+            line = ax.plot(*_series(records, f"{modality}/{key}"), label=f"{modality}/{key}")
+            if key == "target_std":
+                ax.plot(*_series(records, f"{modality}/pred_std"), linestyle=":",
+                        color=line[0].get_color(), label=f"{modality}/pred_std")
+        ax.legend(fontsize=7)
+        return
     if key == "valid/":  # one line per validation metric, points where it was measured
         names = sorted({k for r in records for k in r
                         if k.startswith("valid/") and k != "valid/examples"})
@@ -71,3 +86,4 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+

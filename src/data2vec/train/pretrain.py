@@ -41,9 +41,14 @@ def saved_config(run_dir: Path) -> Config | None:
 
 
 def prepare_data(cfg: Config) -> None:
-    """Resolve the data path (preparing demo data if needed); text: fit the vocabulary."""
+    """Resolve the data path (preparing demo data if needed); text: fit the vocabulary. A joint
+    run: each modality's (the text vocabulary lands in the joint config through its view)."""
     from data2vec.data.loader import load_or_train_tokenizer, resolve_data_path, sync_text_vocab
 
+    if not isinstance(cfg, Config):
+        for view in cfg.views().values():
+            prepare_data(view)
+        return
     resolve_data_path(cfg)
     if cfg.modality == "text":
         sync_text_vocab(cfg, load_or_train_tokenizer(cfg))
@@ -59,6 +64,9 @@ def init_config(cfg: Config, init: Path) -> Config:
         raise CheckpointError(f"{init} holds a {source.modality} v{source.version} model, not "
                               f"{cfg.modality} v{cfg.version}")
     cfg.model = source.model
+    if not isinstance(cfg, Config):  # joint: each part's front-end, objective and decoder too
+        for modality in cfg.modalities:
+            getattr(cfg, modality).model = getattr(source, modality).model
     return cfg
 
 
@@ -111,7 +119,8 @@ def pretrain(cfg: Config, run_dir: Path, resume: bool = False, init: Path | None
         model = build_model(cfg).to(info.device)
         optimizer = build_optimizer(model, cfg.optim)
         batches = build_pretrain_loader(cfg, "train", info.rank, info.world_size)
-        find_unused = cfg.model.encoder.layerdrop > 0
+        # layer-drop skips blocks; a joint run's other modalities sit out every update
+        find_unused = cfg.model.encoder.layerdrop > 0 or not isinstance(cfg, Config)
         trainer = Trainer(cfg, run_dir, wrap_ddp(model, info, find_unused), optimizer, batches,
                           info)
         # Everything is read and checked before the run directory is touched.
