@@ -7,7 +7,9 @@
 - a HuggingFace data2vec directory, base or task model (or a hub id already in the local HF cache),
 - a released fairseq data2vec 1.0 / 2.0 or BEiT ``.pt`` file (read without running its code),
 
-pre-trained or fine-tuned, data2vec 1.0 or 2.0. The result is in eval mode and holds the network
+pre-trained or fine-tuned, data2vec 1.0 or 2.0; of a joint multi-modal run
+(``--modality speech,image,text``) the `modality` asked for: its front-end with the shared
+transformer, as a single-modality model. The result is in eval mode and holds the network
 (``Data2Vec`` / ``Data2VecV2`` with its EMA teacher, or a fine-tuned ``FineTuneModel``), its
 :class:`~data2vec.config.Config`, and for a fine-tuned model the task settings and labels; for
 text, the tokenizer found beside it.
@@ -35,7 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from data2vec.config import Config, config_from_dict
+from data2vec.config import Config, config_from_dict, to_dict
 from data2vec.errors import CheckpointError, DataError
 
 Layers = int | str | Sequence[int]
@@ -323,10 +325,11 @@ def _data_tokenizer_dirs(cfg: Config) -> list[Path]:
 
 
 def load_checkpoint(path: str | Path, tokenizer: str | Path | None = None,
-                    overrides: Sequence[str] = ()) -> LoadedModel:
+                    overrides: Sequence[str] = (), modality: str | None = None) -> LoadedModel:
     """Our run or checkpoint directory (pre-trained, fine-tuned or imported); `overrides`:
     dotted ``model.*`` settings applied to the saved config before building (e.g.
-    ``model.encoder.dropout=0.1``)."""
+    ``model.encoder.dropout=0.1``); `modality`: which modality of a joint run (ignored for a
+    single-modality checkpoint)."""
     from data2vec.build import build_model, build_task_model
     from data2vec.configlib import from_dict, merge, parse_overrides
     from data2vec.finetune.loop import FinetuneConfig
@@ -336,17 +339,23 @@ def load_checkpoint(path: str | Path, tokenizer: str | Path | None = None,
     state = ckpt.load_state(where)
     if "config" not in state:
         raise CheckpointError(f"{where / ckpt.STATE} has no 'config': not a data2vec checkpoint")
-    cfg = config_from_dict(merge(state["config"], parse_overrides(list(overrides))))
     finetune, labels = None, {}
-    if "finetune" in state:
-        finetune = from_dict(FinetuneConfig, state["finetune"])
-        labels = _labels(state.get("labels") or {})
-        network = build_task_model(cfg, finetune.task, num_outputs(finetune.task, labels),
-                                   finetune.pooling, finetune.dropout,
-                                   state.get("final_norm", True))  # absent: runs before the rule
+    if "," in str(state["config"].get("modality", "")):  # joint: one modality's model out of it
+        from data2vec.train.joint import load_modality
+
+        cfg, network = load_modality(where, modality, list(overrides))
+        state = {**state, "config": to_dict(cfg), "joint_config": state["config"]}
     else:
-        network = build_model(cfg)
-    ckpt.load_model_weights(network, ckpt.load_weights(where), str(where))
+        cfg = config_from_dict(merge(state["config"], parse_overrides(list(overrides))))
+        if "finetune" in state:
+            finetune = from_dict(FinetuneConfig, state["finetune"])
+            labels = _labels(state.get("labels") or {})
+            network = build_task_model(cfg, finetune.task, num_outputs(finetune.task, labels),
+                                       finetune.pooling, finetune.dropout,
+                                       state.get("final_norm", True))  # absent: older runs
+        else:
+            network = build_model(cfg)
+        ckpt.load_model_weights(network, ckpt.load_weights(where), str(where))
     places = [Path(tokenizer)] if tokenizer else []
     places += [run_dir_of(where) / "tokenizer", where / "tokenizer"]
     found = find_tokenizer(cfg, places, trained_here="imported_from" not in state)
@@ -377,10 +386,11 @@ def _load_fairseq(file: Path, tokenizer: str | Path | None) -> LoadedModel:
 
 
 def load(path: str | Path, *, tokenizer: str | Path | None = None,
-         device: str | torch.device | None = None) -> LoadedModel:
+         device: str | torch.device | None = None, modality: str | None = None) -> LoadedModel:
     """Load any data2vec model (see the module docstring) in eval mode, on `device` (default
     CPU); `tokenizer`: a directory with vocab.json + merges.txt for a text model that has none
-    beside it."""
+    beside it; `modality`: which modality of a joint multi-modal run (required there; elsewhere,
+    a check)."""
     from data2vec.train import checkpoint as ckpt
 
     path = Path(path).expanduser()
@@ -393,7 +403,9 @@ def load(path: str | Path, *, tokenizer: str | Path | None = None,
 
         model = _load_hf(resolve_hf_dir(str(path)), tokenizer)
     else:
-        model = load_checkpoint(path, tokenizer)
+        model = load_checkpoint(path, tokenizer, modality=modality)
+    if modality is not None and model.modality != modality:
+        raise DataError(f"{path} holds a {model.modality} model, not {modality}")
     if device is not None:
         from data2vec.train.distributed import pick_device
 

@@ -153,7 +153,8 @@ def load_backbone(ft: FinetuneConfig, model_overrides: list[str] | None = None):
         cfg = load_config(modality, ft.preset, ft.version, None, model_overrides)
         _sync_text(cfg)
         return cfg, build_model(cfg)
-    loaded = load_checkpoint(ft.init, overrides=model_overrides or ())
+    # a joint multi-modal run gives the task's modality: its front-end + the shared encoder
+    loaded = load_checkpoint(ft.init, overrides=model_overrides or (), modality=modality)
     if loaded.modality != modality:
         raise ConfigError(f"--init {ft.init} is a {loaded.modality} model; task {ft.task} "
                           f"needs {modality}")

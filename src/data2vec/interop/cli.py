@@ -23,7 +23,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from data2vec.interop.hf import export_hf
 
     refuse_to_replace(args.out_dir, args.overwrite, "export to")
-    out = export_hf(args.source, args.out_dir)
+    out = export_hf(args.source, args.out_dir, args.modality, args.remote_code)
     files = " + ".join(sorted(p.name for p in out.iterdir() if p.is_file()))
     say(f"wrote a HuggingFace model directory {out} ({files})")
     return 0
@@ -66,6 +66,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    " [+ the data2vec 2.0 model code])")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a non-empty OUT_DIR (default: refuse)")
+    p.add_argument("--modality", choices=["speech", "image", "text"],
+                   help="a joint multi-modal run: which modality's model to export")
+    p.add_argument("--remote-code", action="store_true",
+                   help="data2vec 1.0: write our model code (trust_remote_code=True) also where "
+                   "transformers' own class cannot express the model (default: refuse, naming "
+                   "the option)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("import", help="build a run directory from HF or fairseq weights",

@@ -184,7 +184,7 @@ def _check_post_ln(cfg: Config, input_norm: bool) -> None:
                       "(it has no 'stable layer norm' variant)")
     if enc.input_norm != input_norm:
         raise _refuse(f"model.encoder.input_norm={str(enc.input_norm).lower()}",
-                      f"HF {name} {'always has' if input_norm else 'has no'} an encoder "
+                      f"HF {name} {'always has an' if input_norm else 'has no'} encoder "
                       "input LayerNorm")
     if enc.final_norm:
         raise _refuse("model.encoder.final_norm=true", f"HF {name} has no final LayerNorm")
@@ -573,30 +573,36 @@ def build_hf_task_model(cfg: Config, model: Any, ft: dict[str, Any], labels: dic
     return hf.eval()
 
 
-def export_hf(path: str | Path, out_dir: str | Path) -> Path:
+def export_hf(path: str | Path, out_dir: str | Path, modality: str | None = None,
+              remote_code: bool = False) -> Path:
     """Write the model at `path` (anything :func:`data2vec.load` reads) as a HF directory.
 
     A pre-trained model becomes the base model, a fine-tuned one (``data2vec finetune`` or an
     imported task model) the matching task model; beside the weights go the files HF's Auto*
     classes and pipelines read (:mod:`.hf_processors`: tokenizer, feature extractor, CTC
     processor with ``vocab.json`` (blank = id 0), image processor). Files honour the umask.
-    data2vec 2.0 models get their own model code in the directory (:mod:`.hf_v2`).
+    data2vec 2.0 models get their own model code in the directory (:mod:`.hf_v2`); so does a
+    data2vec 1.0 model with `remote_code` (e.g. a post-LN image encoder, which HF's
+    Data2VecVision cannot express). `modality`: which modality of a joint multi-modal run.
     """
     from data2vec.loading import load
 
-    loaded = load(path)
+    loaded = load(path, modality=modality)
     out_dir = Path(out_dir)
-    if loaded.version == 2:  # no transformers class: ship our code
+    if loaded.version == 2 or remote_code:  # no transformers class (that fits): ship our code
         from data2vec.interop.hf_v2 import export_loaded_v2
 
         export_loaded_v2(loaded, out_dir)
     else:
-        if loaded.task is not None:
-            labels = raw_labels(loaded.labels)
-            hf = build_hf_task_model(loaded.cfg, loaded.network, to_dict(loaded.finetune),
-                                     labels)
-        else:
-            hf = build_hf_model(loaded.cfg, loaded.network)
+        try:
+            if loaded.task is not None:
+                hf = build_hf_task_model(loaded.cfg, loaded.network, to_dict(loaded.finetune),
+                                         raw_labels(loaded.labels))
+            else:
+                hf = build_hf_model(loaded.cfg, loaded.network)
+        except ConfigError as refused:
+            raise ConfigError(f"{refused} (--remote-code exports it with our model code "
+                              "instead)") from None
         out_dir.mkdir(parents=True, exist_ok=True)
         # What save_pretrained writes for these untied models, without its progress bar.
         hf.config.architectures = [type(hf).__name__]

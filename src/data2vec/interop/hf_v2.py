@@ -162,9 +162,12 @@ def build_remote_model(config: dict[str, Any], class_name: str, state: dict[str,
 
 
 def build_hf_v2_model(cfg: Config, model: nn.Module) -> nn.Module:
-    """``Data2Vec2{Audio,Vision,Text}Model`` with the student of a Data2VecV2 `model`."""
-    return build_remote_model(remote_config(cfg), BASE_CLASSES[cfg.modality],
-                              model.state_dict())
+    """``Data2Vec2{Audio,Vision,Text}Model`` with the student of a Data2VecV2 `model` (or of a
+    data2vec 1.0 ``Data2Vec``, whose regression head, like the v2 decoder, only serves
+    pre-training and is left out)."""
+    student = {k: v for k, v in model.state_dict().items()
+               if not (cfg.version == 1 and k.startswith("head."))}
+    return build_remote_model(remote_config(cfg), BASE_CLASSES[cfg.modality], student)
 
 
 def build_hf_v2_task_model(cfg: Config, model: nn.Module, ft: dict[str, Any],
