@@ -115,6 +115,16 @@ def test_config_errors_name_the_key(overrides: list[str], message: str) -> None:
         load_config("speech,image,text", "tiny", 1, overrides=overrides)
 
 
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (
+    Path(__file__).parents[1] / "src/data2vec/presets").glob("joint_*.yaml")))
+def test_every_joint_preset_loads(preset: str) -> None:
+    _, version, size = preset.split("_")
+    cfg = load_config("speech,image,text", size, int(version[1]))
+    assert cfg.preset == preset and cfg.run.max_steps >= 1
+    assert {m: cfg.view(m).model.encoder.depth for m in MODALITIES} == dict.fromkeys(
+        MODALITIES, cfg.model.encoder.depth)
+
+
 def test_data_settings_go_to_every_part_and_unlisted_parts_are_errors() -> None:
     cfg = load_config("image,text", "tiny", 2, overrides=["data.num_workers=1"])
     assert cfg.speech is None and cfg.image.data.num_workers == cfg.text.data.num_workers == 1
