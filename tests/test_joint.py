@@ -126,8 +126,12 @@ def test_every_joint_preset_loads(preset: str) -> None:
 
 
 def test_data_settings_go_to_every_part_and_unlisted_parts_are_errors() -> None:
-    cfg = load_config("image,text", "tiny", 2, overrides=["data.num_workers=1"])
+    cfg = load_config("image,text", "tiny", 2, overrides=["data.num_workers=1",
+                                                          "text.data.path=2024 #2"])
     assert cfg.speech is None and cfg.image.data.num_workers == cfg.text.data.num_workers == 1
+    assert cfg.text.data.path == "2024 #2"  # a path, taken literally (not YAML)
+    with pytest.raises(ConfigError, match="image: config key 'data.batch_size'"):
+        load_config("image,text", "tiny", 1, overrides=["image.data.batch_size=-1"])
     with pytest.raises(ConfigError, match="speech is not one of"):
         load_config("image,text", "tiny", 1, overrides=["speech.data.batch_size=2"])
 
@@ -317,26 +321,41 @@ def test_finetune_init_takes_the_modality_front_end_and_shared_encoder(
                 assert torch.equal(weights[key.removeprefix(f"modalities.{modality}.")], value)
     assert main(["finetune", "--task", "image-cls", "--init", str(joint_run), "--max-steps", "2",
                  "--batch-size", "4", "threads=1", "--out", str(tmp_path / "ft")]) == 0
-    assert '"accuracy"' in capsys.readouterr().out
+    assert "accuracy" in capsys.readouterr().out
 
 
-def test_export_each_modality_to_hf(joint_run: Path, tmp_path: Path, monkeypatch) -> None:
+def test_export_and_extract_each_modality(joint_run: Path, tmp_path: Path, monkeypatch,
+                                          capsys: pytest.CaptureFixture) -> None:
     transformers = pytest.importorskip("transformers")
+    import data2vec
+
     monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "hf_modules"))
     g = torch.Generator().manual_seed(0)
     inputs = {"speech": ("input_values", torch.randn(2, 8000, generator=g)),
               "image": ("pixel_values", torch.randn(2, 3, 32, 32, generator=g)),
               "text": ("input_ids", torch.randint(4, 4000, (2, 24), generator=g))}
     assert main(["export", "--to", "hf", str(joint_run), str(tmp_path / "none")]) == 2
+    assert "--modality speech" in capsys.readouterr().err
+    # HF's Data2VecVision is pre-LN only: our post-LN shared encoder needs our model code
+    assert main(["export", "--to", "hf", str(joint_run), str(tmp_path / "refused"),
+                 "--modality", "image"]) == 2
+    assert "--remote-code" in capsys.readouterr().err
     for modality, (name, source) in inputs.items():
         out = tmp_path / modality
-        assert main(["export", "--to", "hf", str(joint_run), str(out), "--modality",
-                     modality]) == 0
-        # speech fits HF's Data2VecAudio; post-LN images and the text input norm ship our code
-        assert (out / "modeling_data2vec2.py").exists() == (modality != "speech")
+        native = modality == "speech"  # post-LN with an input norm: HF's Data2VecAudio
+        assert main(["export", "--to", "hf", str(joint_run), str(out), "--modality", modality,
+                     *([] if native else ["--remote-code"])]) == 0
+        assert (out / "modeling_data2vec2.py").exists() != native
         hf = transformers.AutoModel.from_pretrained(out, trust_remote_code=True).eval()
-        _, ours = load_modality(joint_run, modality)
+        ours = data2vec.load(joint_run, modality=modality)
         with torch.no_grad():
-            expected = ours.encode(source)[0].x
+            expected = ours.network.encode(source)[0].x
             got = hf(**{name: source}).last_hidden_state
+            features = ours.extract_features(source, layers=-1).layers[4]
         assert float((got - expected).abs().max()) <= 1e-5, modality
+        assert torch.equal(features, expected)  # post-LN, no final norm: the last block's output
+    lines = tmp_path / "lines.txt"
+    lines.write_text("one line of text\nand another\n")
+    assert main(["extract", str(joint_run), str(lines), "--modality", "text", "--layer", "2",
+                 "--out", str(tmp_path / "features"), "--threads", "1"]) == 0
+    assert len(list((tmp_path / "features").glob("*.npy"))) == 2

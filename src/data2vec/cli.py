@@ -230,7 +230,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
     from data2vec.runtime import set_threads
 
     set_threads(args.threads)
-    model = load(args.model, tokenizer=args.tokenizer, device=args.device or "auto")
+    model = load(args.model, tokenizer=args.tokenizer, device=args.device or "auto",
+                 modality=args.modality)
     items = collect_inputs(model.modality, args.inputs)
     index = extract(model, items, args.out, args.layer, args.format, args.batch_size)
     layers = model.layer_indices(args.layer)
@@ -292,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="inputs per forward pass")
     p.add_argument("--tokenizer", help="text: directory with vocab.json + merges.txt "
                                        "(default: the one beside the model)")
+    p.add_argument("--modality", choices=["speech", "image", "text"],
+                   help="a joint multi-modal run: which modality's front-end to run the shared "
+                   "transformer with")
     p.add_argument("--device", help=DEVICE_HELP)
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads; 0 = free cores (default 0)")

@@ -220,6 +220,9 @@ def field_type(schema: type, keys: list[str], root: Mapping[str, Any]) -> Any:
     """The annotated type of the dotted field `keys` in dataclass `schema`, or None if unknown."""
     tp: Any = schema
     for key in keys:
+        options = [a for a in get_args(tp) if a is not type(None)]
+        if get_origin(tp) in (typing.Union, types.UnionType) and len(options) == 1:
+            tp = options[0]  # an optional section (`X | None`): X's fields
         if not dataclasses.is_dataclass(tp):
             return None
         by_name = {f.name: f for f in dataclasses.fields(tp)}

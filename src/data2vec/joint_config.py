@@ -266,7 +266,8 @@ def load_joint_config(modality: str, size: str = "tiny", version: int = 1,
     if config_file:
         data = merge(data, load_yaml(config_file))
     if overrides:
-        data = merge(data, parse_overrides(_broadcast_data(list(overrides), modalities)))
+        data = merge(data, parse_overrides(_broadcast_data(list(overrides), modalities),
+                                           JointConfig, {}))
     data.update(modality=",".join(modalities), version=version)
     data.setdefault("preset", f"joint_v{version}_{size}")
     return joint_config_from_dict(data)
