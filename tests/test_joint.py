@@ -159,6 +159,10 @@ def test_batches_resume_where_they_were_and_accumulate_one_modality(demo_home: P
     after = [next(first) for _ in range(5)]
     resumed = build_pretrain_loader(cfg)
     resumed.load_state_dict(state)
+    resumed.restore_bad_files({"text:/data/a:b.txt": "unreadable"})  # --skip-bad counts
+    assert resumed.loaders["text"].bad_files == {"/data/a:b.txt": "unreadable"}
+    assert resumed.bad_files == {"text:/data/a:b.txt": "unreadable"}
+    assert resumed.skipped["unreadable"] == 1
     for a, b in zip(after, [next(resumed) for _ in range(5)], strict=True):
         assert a.modality == b.modality and torch.equal(a.source, b.source)
         assert torch.equal(a.mask, b.mask)

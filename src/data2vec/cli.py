@@ -295,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "(default: the one beside the model)")
     p.add_argument("--modality", choices=["speech", "image", "text"],
                    help="a joint multi-modal run: which modality's front-end to run the shared "
-                   "transformer with")
+                   "transformer with (default: the model's only modality)")
     p.add_argument("--device", help=DEVICE_HELP)
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads; 0 = free cores (default 0)")

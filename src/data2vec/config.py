@@ -11,12 +11,15 @@ import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from data2vec.configlib import from_dict, load_yaml, merge, parse_overrides, to_dict
 from data2vec.errors import ConfigError
 from data2vec.nn.transformer import EncoderConfig
 from data2vec.objective.data2vec import ObjectiveConfig
+
+if TYPE_CHECKING:  # joint_config imports this module
+    from data2vec.joint_config import JointConfig
 
 Modality = Literal["speech", "image", "text"]
 MODALITIES: tuple[str, ...] = ("speech", "image", "text")
@@ -205,7 +208,7 @@ def preset_path(modality: str, size: str, version: int = 1) -> Path:
 
 def load_config(modality: str, size: str = "tiny", version: int = 1,
                 config_file: str | Path | None = None,
-                overrides: list[str] | None = None) -> Config:
+                overrides: list[str] | None = None) -> Config | JointConfig:
     """Preset, then the user's YAML file, then dotted overrides; validated.
 
     Several comma-separated modalities (``'speech,image,text'``) give a joint run's config, a
@@ -229,7 +232,7 @@ def load_config(modality: str, size: str = "tiny", version: int = 1,
     return cfg
 
 
-def config_from_dict(data: Mapping[str, Any]) -> Config:
+def config_from_dict(data: Mapping[str, Any]) -> Config | JointConfig:
     """Rebuild a Config saved with :func:`to_dict` (checkpoints); a joint run's gives its
     :class:`~data2vec.joint_config.JointConfig`."""
     if "," in str(data.get("modality", "")):
@@ -241,7 +244,7 @@ def config_from_dict(data: Mapping[str, Any]) -> Config:
     return cfg
 
 
-def validate(cfg: Config) -> None:
+def validate(cfg: Config | JointConfig) -> None:
     """Every field's range (see :data:`RULES`), every float finite, then cross-field checks
     (a joint run's: each part's, see :func:`data2vec.joint_config.validate_joint`)."""
     if not isinstance(cfg, Config):

@@ -70,6 +70,24 @@ class JointBatches:
             total.update(loader.skipped)
         return total
 
+    @property
+    def skip_messages(self) -> list[str]:
+        """One line per file skipped (``--skip-bad``), every modality's."""
+        return [line for loader in self.loaders.values() for line in loader.skip_messages]
+
+    @property
+    def bad_files(self) -> dict[str, str]:
+        """Files found bad while batching, as ``'<modality>:<path>' -> reason``."""
+        return {f"{m}:{path}": reason for m, loader in self.loaders.items()
+                for path, reason in loader.bad_files.items()}
+
+    def restore_bad_files(self, bad_files: dict[str, str]) -> None:
+        """Count the files a resumed run had found bad (keys as :attr:`bad_files` gives)."""
+        for key, reason in bad_files.items():
+            modality, _, path = key.partition(":")
+            if modality in self.loaders:
+                self.loaders[modality].restore_bad_files({path: reason})
+
     def __iter__(self) -> JointBatches:
         return self
 

@@ -30,7 +30,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
@@ -57,6 +57,10 @@ from data2vec.data.text import (
 )
 from data2vec.data.tokenizer import BPETokenizer
 from data2vec.errors import ConfigError, DataError
+
+if TYPE_CHECKING:  # data.joint imports this module
+    from data2vec.data.joint import JointBatches
+    from data2vec.joint_config import JointConfig
 
 log = logging.getLogger("data2vec")
 Plan = list[tuple[list[int], int]]  # this rank's batches: (example indices, global batch index)
@@ -388,8 +392,9 @@ def _text_loader(cfg: Config, path: Path, split: str, rank: int, world_size: int
     return loader
 
 
-def build_pretrain_loader(cfg: Config, split: str = "train", rank: int = 0, world_size: int = 1,
-                          tokenizer: BPETokenizer | None = None) -> PretrainLoader:
+def build_pretrain_loader(cfg: Config | JointConfig, split: str = "train", rank: int = 0,
+                          world_size: int = 1, tokenizer: BPETokenizer | None = None
+                          ) -> PretrainLoader | JointBatches:
     """The endless pre-training loader of ``cfg.modality`` for this rank (see the module doc);
     a joint run's config gives :class:`~data2vec.data.joint.JointBatches`."""
     if not isinstance(cfg, Config):

@@ -67,7 +67,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace a non-empty OUT_DIR (default: refuse)")
     p.add_argument("--modality", choices=["speech", "image", "text"],
-                   help="a joint multi-modal run: which modality's model to export")
+                   help="a joint multi-modal run: which modality's model to export "
+                   "(default: the model's only modality)")
     p.add_argument("--remote-code", action="store_true",
                    help="data2vec 1.0: write our model code (trust_remote_code=True) also where "
                    "transformers' own class cannot express the model (default: refuse, naming "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import yaml
@@ -18,6 +19,9 @@ from data2vec.train.logging import setup_console_logging
 from data2vec.train.loop import Trainer, check_resume_state
 from data2vec.train.optim import build_optimizer
 from data2vec.train.rundir import RunLock, check_run_dir, clear_run
+
+if TYPE_CHECKING:
+    from data2vec.joint_config import JointConfig
 
 log = logging.getLogger("data2vec")
 SKIP_MESSAGES_SHOWN = 10
@@ -40,7 +44,7 @@ def saved_config(run_dir: Path) -> Config | None:
         raise ConfigError(f"{path}: {e}") from None
 
 
-def prepare_data(cfg: Config) -> None:
+def prepare_data(cfg: Config | JointConfig) -> None:
     """Resolve the data path (preparing demo data if needed); text: fit the vocabulary. A joint
     run: each modality's (the text vocabulary lands in the joint config through its view)."""
     from data2vec.data.loader import load_or_train_tokenizer, resolve_data_path, sync_text_vocab
@@ -54,7 +58,7 @@ def prepare_data(cfg: Config) -> None:
         sync_text_vocab(cfg, load_or_train_tokenizer(cfg))
 
 
-def init_config(cfg: Config, init: Path) -> Config:
+def init_config(cfg: Config | JointConfig, init: Path) -> Config | JointConfig:
     """`cfg` with the model section (architecture) of the checkpoint at `init`."""
     state = ckpt.load_state(ckpt.find_checkpoint(init))
     if "config" not in state:
@@ -79,8 +83,8 @@ def _keep_tokenizer(cfg: Config, run_dir: Path) -> None:
         load_or_train_tokenizer(cfg).save(run_dir / "tokenizer")
 
 
-def pretrain(cfg: Config, run_dir: Path, resume: bool = False, init: Path | None = None,
-             overwrite: bool = False) -> dict[str, float]:
+def pretrain(cfg: Config | JointConfig, run_dir: Path, resume: bool = False,
+             init: Path | None = None, overwrite: bool = False) -> dict[str, float]:
     """Pre-train `cfg` into `run_dir`; with `resume`, continue from its latest checkpoint; with
     `init`, start from the weights (student and teacher) of another checkpoint, e.g. an import.
 
