@@ -358,6 +358,8 @@ def test_export_and_extract_each_modality(joint_run: Path, tmp_path: Path, monke
             features = ours.extract_features(source, layers=-1).layers[4]
         assert float((got - expected).abs().max()) <= 1e-5, modality
         assert torch.equal(features, expected)  # post-LN, no final norm: the last block's output
+    assert (joint_run / "tokenizer" / "vocab.json").is_file()  # the run alone reads text
+    assert ours.tokenizer is not None
     lines = tmp_path / "lines.txt"
     lines.write_text("one line of text\nand another\n")
     assert main(["extract", str(joint_run), str(lines), "--modality", "text", "--layer", "2",

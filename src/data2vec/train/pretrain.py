@@ -74,9 +74,13 @@ def init_config(cfg: Config | JointConfig, init: Path) -> Config | JointConfig:
     return cfg
 
 
-def _keep_tokenizer(cfg: Config, run_dir: Path) -> None:
+def _keep_tokenizer(cfg: Config | JointConfig, run_dir: Path) -> None:
     """Text: a copy of the BPE in RUN/tokenizer, so the run alone is enough to read text with
-    (data2vec.load, extract, export)."""
+    (data2vec.load, extract, export); a joint run: its text part's."""
+    if not isinstance(cfg, Config):
+        if "text" in cfg.modalities:
+            _keep_tokenizer(cfg.view("text"), run_dir)
+        return
     if cfg.modality == "text":
         from data2vec.data.loader import load_or_train_tokenizer
 
