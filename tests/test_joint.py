@@ -310,7 +310,8 @@ def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) 
 
 
 def test_finetune_init_takes_the_modality_front_end_and_shared_encoder(
-        joint_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+        joint_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch) -> None:
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "hf_modules"))
     from data2vec.finetune.loop import FinetuneConfig, load_backbone
 
     saved = ckpt.load_weights(ckpt.find_checkpoint(joint_run))
@@ -326,6 +327,18 @@ def test_finetune_init_takes_the_modality_front_end_and_shared_encoder(
     assert main(["finetune", "--task", "image-cls", "--init", str(joint_run), "--max-steps", "2",
                  "--batch-size", "4", "threads=1", "--out", str(tmp_path / "ft")]) == 0
     assert "accuracy" in capsys.readouterr().out
+    # the fine-tuned post-LN image model: HF's Data2VecVision cannot hold it, our code can
+    transformers = pytest.importorskip("transformers")
+    import data2vec
+
+    assert main(["export", "--to", "hf", str(tmp_path / "ft"), str(tmp_path / "hf"),
+                 "--remote-code"]) == 0
+    hf = transformers.AutoModelForImageClassification.from_pretrained(
+        tmp_path / "hf", trust_remote_code=True).eval()
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = data2vec.load(tmp_path / "ft")(images)
+        assert torch.allclose(hf(pixel_values=images).logits, ours, atol=1e-5)
 
 
 def test_export_and_extract_each_modality(joint_run: Path, tmp_path: Path, monkeypatch,
