@@ -12,6 +12,7 @@ Example (a user's own loop)::
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -67,6 +68,11 @@ def regression_loss(pred: Tensor, target: Tensor, beta: float, scale: float) -> 
     return elementwise.sum(-1) * scale
 
 
+def valid_count(valid: int | Tensor) -> int | Tensor:
+    """A count of valid positions, at least 1, without a host sync when it is a tensor."""
+    return valid.clamp_min(1) if isinstance(valid, Tensor) else max(valid, 1)
+
+
 def feature_std(x: Tensor) -> Tensor:
     """Std of each channel over positions, averaged over channels (fairseq's ``target_var``)."""
     x = x.float().reshape(-1, x.shape[-1])
@@ -117,6 +123,14 @@ class StudentTeacher(nn.Module):
     """
 
     teacher: EMATeacher
+    teacher_inference_mode: bool = True
+    """Run the teacher under ``torch.inference_mode`` (no version counters or view tracking);
+    the training package turns it off where a wrapper needs ordinary tensors (FSDP2 all-gathers
+    the sharded teacher's weights)."""
+
+    def teacher_mode(self) -> contextlib.AbstractContextManager:
+        """The autograd mode of every teacher forward."""
+        return torch.inference_mode() if self.teacher_inference_mode else torch.no_grad()
 
     def _tracked(self) -> nn.Module:
         raise TypeError(f"{type(self).__name__} must define _tracked()")
@@ -193,23 +207,24 @@ class Data2Vec(StudentTeacher):
                                                               batch.mask)
         teacher_x = None
         if self.cfg.ema_scope == "encoder":
-            with torch.no_grad():
+            with self.teacher_mode():
                 teacher_x, _ = self.frontend.contextualize(local.detach(), local_padding, None)
         return student_x, teacher_x, padding_mask
 
-    @torch.no_grad()
     def _targets(self, batch: Batch, teacher_x: Tensor | None,
                  padding_mask: Tensor | None) -> Tensor:
         """(B, T, D) targets over the masked positions' grid (extra tokens removed)."""
-        teacher = self.teacher.model
+        teacher = self.teacher.forward_model
         encoder = teacher["encoder"] if self.cfg.ema_scope == "all" else teacher
-        if teacher_x is None:
-            teacher_x, _ = teacher["frontend"](batch.source, batch.padding_mask)
-        out = encoder(teacher_x, padding_mask, collect_layers=self.cfg.top_k,
-                      target_source=self.cfg.target_source)
+        with self.teacher_mode():
+            if teacher_x is None:
+                teacher_x, _ = teacher["frontend"](batch.source, batch.padding_mask)
+            out = encoder(teacher_x, padding_mask, collect_layers=self.cfg.top_k,
+                          target_source=self.cfg.target_source)
         n = self.frontend.num_extra_tokens
         layers = [y[:, n:] for y in out.layer_results]
         pad = padding_mask[:, n:] if padding_mask is not None else None
+        # outside the teacher's mode: the targets are ordinary tensors the loss may save
         return build_targets(layers, self.cfg.top_k, self.cfg.layer_norm, self.cfg.final_norm, pad)
 
     def _loss(self, prediction: Tensor, targets: Tensor, mask: Tensor,
@@ -227,7 +242,7 @@ class Data2Vec(StudentTeacher):
         stats = {
             "target_std": feature_std(target.detach()),
             "pred_std": feature_std(pred.detach()),
-            "masked_fraction": sample_size.float() / max(int(valid), 1),
+            "masked_fraction": sample_size.float() / valid_count(valid),
         }
         loss = loss_sum / sample_size.clamp_min(1)
         return Data2VecOutput(loss, loss_sum, sample_size, stats)

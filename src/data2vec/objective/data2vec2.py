@@ -46,6 +46,7 @@ from data2vec.objective.data2vec import (
     feature_std,
     init_bert_,
     regression_loss,
+    valid_count,
 )
 from data2vec.objective.ema import EMATeacher
 from data2vec.objective.targets import build_targets
@@ -233,24 +234,25 @@ class Data2VecV2(StudentTeacher):
         full = (noise * self.v2.mask_noise_std).scatter(1, index, visible)  # (R, T, D)
         return self.decoder(full)
 
-    @torch.no_grad()
     def _targets(self, batch: Batch, local: Tensor, pad: Tensor | None) -> Tensor:
         """(B, T, D) targets: one teacher pass per example, extra tokens removed."""
-        teacher = self.teacher.model
-        if self.cfg.ema_scope == "all":
-            x, tpad = teacher["frontend"](batch.source, batch.padding_mask)
-        elif self.cfg.ema_scope == "context":
-            x, tpad = teacher["frontend"].contextualize(local.detach(), pad, None)
-        else:
-            x, tpad = self.frontend.contextualize(local.detach(), pad, None)
-        bias = None
-        if "alibi" in teacher:
-            steps = torch.arange(local.shape[1], device=x.device).unsqueeze(0)
-            bias = teacher["alibi"](steps, self.frontend.num_extra_tokens)
-        out = teacher["encoder"](x, tpad, bias, collect_layers=self.cfg.top_k,
-                                 target_source=self.cfg.target_source)
+        teacher = self.teacher.forward_model
+        with self.teacher_mode():
+            if self.cfg.ema_scope == "all":
+                x, tpad = teacher["frontend"](batch.source, batch.padding_mask)
+            elif self.cfg.ema_scope == "context":
+                x, tpad = teacher["frontend"].contextualize(local.detach(), pad, None)
+            else:
+                x, tpad = self.frontend.contextualize(local.detach(), pad, None)
+            bias = None
+            if "alibi" in teacher:
+                steps = torch.arange(local.shape[1], device=x.device).unsqueeze(0)
+                bias = teacher["alibi"](steps, self.frontend.num_extra_tokens)
+            out = teacher["encoder"](x, tpad, bias, collect_layers=self.cfg.top_k,
+                                     target_source=self.cfg.target_source)
         n = self.frontend.num_extra_tokens
         layers = [y[:, n:] for y in out.layer_results]
+        # outside the teacher's mode: the targets are ordinary tensors the loss may save
         return build_targets(layers, self.cfg.top_k, self.cfg.layer_norm, self.cfg.final_norm,
                              pad)
 
@@ -279,7 +281,7 @@ class Data2VecV2(StudentTeacher):
         stats = {
             "target_std": feature_std(target.detach()),
             "pred_std": feature_std(pred.detach()),
-            "masked_fraction": sample_size.float() / max(int(valid), 1),
+            "masked_fraction": sample_size.float() / valid_count(valid),
         }
         return Data2VecOutput(loss_sum / sample_size.clamp_min(1), loss_sum, sample_size, stats)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
 from torch import Tensor
 
 from data2vec.nn.layers import instance_norm_time, layer_norm_channels
@@ -28,9 +27,21 @@ def build_targets(layer_results: list[Tensor], top_k: int, layer_norm: LayerNorm
     layer_norm: per-layer norm — 'instance' (each channel over time, per example, padding
     excluded), 'layer' (parameter-free, over channels per step) or 'none'.
     final_norm: the same choices, applied to the average. Computed in fp32.
+
+    The average is a running sum, one normalised layer at a time: stacking the K layers first
+    (``torch.stack(...).mean(0)``) would allocate a (K, B, T, D) temporary, the largest tensor
+    of the teacher's step at Base size.
     """
     if not 0 < top_k <= len(layer_results):
         raise ValueError(f"top_k={top_k} but {len(layer_results)} layer outputs were collected")
-    layers = [_normalise(y.float(), layer_norm, padding_mask) for y in layer_results[-top_k:]]
-    target = torch.stack(layers).mean(0)
+    target: Tensor | None = None
+    for y in layer_results[-top_k:]:
+        layer = _normalise(y.float(), layer_norm, padding_mask)
+        if target is None:
+            # with norm 'none' in fp32 this is the teacher's own tensor: never add into it
+            target = layer.clone() if layer is y else layer
+        else:
+            target.add_(layer)
+    assert target is not None
+    target = target.div_(top_k) if top_k > 1 else target
     return _normalise(target, final_norm, padding_mask)
