@@ -9,7 +9,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 QkvBias = Literal["all", "qv", "none"]
-AttentionImpl = Literal["sdpa", "eager"]
+AttentionImpl = Literal["auto", "sdpa", "eager"]
+
+
+def pick_attention(impl: AttentionImpl, q: Tensor) -> Literal["sdpa", "eager"]:
+    """'auto' resolved for this call: SDPA except on CPU in bf16, where the spelled-out softmax
+    path measured faster (``benchmarks/speed.py``, attention rows: both kernels on the same
+    shapes in one run). Any other choice is taken as given."""
+    if impl != "auto":
+        return impl
+    return "eager" if q.device.type == "cpu" and q.dtype == torch.bfloat16 else "sdpa"
 
 
 def attention_bias(padding_mask: Tensor | None, attn_bias: Tensor | None,
@@ -40,7 +49,7 @@ class Attention(nn.Module):
     """Fused-QKV self-attention with a key-padding mask and an optional additive bias."""
 
     def __init__(self, dim: int, num_heads: int, attention_dropout: float = 0.0,
-                 qkv_bias: QkvBias = "all", impl: AttentionImpl = "sdpa",
+                 qkv_bias: QkvBias = "all", impl: AttentionImpl = "auto",
                  device=None, dtype=None) -> None:
         super().__init__()
         if dim % num_heads:
@@ -70,7 +79,7 @@ class Attention(nn.Module):
         dropout_p = self.attention_dropout if self.training else 0.0
         if bias is not None:
             bias = bias.to(q.dtype)
-        if self.impl == "sdpa":
+        if pick_attention(self.impl, q) == "sdpa":
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
         else:
             out = eager_attention(q, k, v, bias, dropout_p)

@@ -20,6 +20,14 @@ from data2vec.nn.layers import DropPath, LayerScale, Mlp
 TargetSource = Literal["ffn", "block"]
 
 
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the matmuls on `x` run in: autocast's inside an autocast region, else x's."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
 @dataclass
 class EncoderConfig:
     """Shape and regularisation of the shared transformer."""
@@ -52,8 +60,10 @@ class EncoderConfig:
     """Post-LN models: LayerNorm on the encoder input (wav2vec 2.0 ``encoder.layer_norm``)."""
     final_norm: bool = False
     """Pre-LN models: LayerNorm after the last block."""
-    attention_impl: AttentionImpl = "sdpa"
-    """'sdpa' (torch fused kernels) or 'eager' (explicit softmax; sometimes faster in CPU bf16)."""
+    attention_impl: AttentionImpl = "auto"
+    """'sdpa' (torch's fused kernels), 'eager' (explicit softmax) or 'auto': the faster of the
+    two for the device and dtype of each call (see ``data2vec.nn.attention.pick_attention``;
+    measured by ``benchmarks/speed.py``). Both compute the same attention."""
 
 
 class Block(nn.Module):
@@ -90,8 +100,9 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, padding_mask: Tensor | None = None,
                 attn_bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """x: (B, T, D); padding_mask: (B, T) True = pad; attn_bias: additive (B|1, H, T, T)."""
-        bias = self._bias(attn_bias, padding_mask, x.dtype)
+        """x: (B, T, D); padding_mask: (B, T) True = pad; attn_bias: additive (B|1, H, T, T)
+        (the encoder passes the padding already merged into it, see :func:`attention_bias`)."""
+        bias = self._bias(attn_bias, padding_mask, compute_dtype(x))
         if self.layer_norm_first:
             x = x + self.drop_path(self.ls1(self.dropout(self.attn(self.norm1(x), bias))))
             ffn = self.mlp(self.norm2(x))
@@ -148,13 +159,15 @@ class TransformerEncoder(nn.Module):
         if self.rel_pos_bias is not None:
             shared = self.rel_pos_bias().unsqueeze(0)
             attn_bias = shared if attn_bias is None else attn_bias + shared
+        # padding and bias merged and cast once for all blocks, not once per block
+        attn_bias = attention_bias(padding_mask, attn_bias, compute_dtype(x))
         first_collected = len(self.blocks) - collect_layers
         results: list[Tensor] = []
         for i, block in enumerate(self.blocks):
             skip = self.training and self.cfg.layerdrop > 0 and \
                 torch.rand(()).item() < self.cfg.layerdrop
             if not skip:
-                x, ffn = block(x, padding_mask, attn_bias)
+                x, ffn = block(x, None, attn_bias)
             if i >= first_collected:
                 # A dropped block (student only: the teacher runs in eval) passes its input on.
                 results.append(x if skip or target_source == "block" else ffn)
