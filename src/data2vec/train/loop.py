@@ -32,14 +32,23 @@ from data2vec.batch import Batch
 from data2vec.config import Config, to_dict
 from data2vec.errors import CheckpointError, Data2VecError, DataError
 from data2vec.train import checkpoint as ckpt
-from data2vec.train.distributed import DistInfo, all_reduce_sum, unwrap
+from data2vec.train.distributed import (
+    DistInfo,
+    all_reduce_sum,
+    full_model_state,
+    full_optimizer_state,
+    is_sharded,
+    load_full_state,
+    unwrap,
+)
 from data2vec.train.logging import (
     MetricsWriter,
     ModalityMeans,
     collapse_alarm,
     truncate_metrics,
 )
-from data2vec.train.optim import lr_at, set_lr
+from data2vec.train.optim import lr_at, scale_and_clip_grads_, set_lr
+from data2vec.train.parallel import use_teacher_cast_copy
 
 log = logging.getLogger("data2vec")
 
@@ -87,7 +96,19 @@ class StepResult:
     skipped: bool = False
 
 
+class WeightsView:
+    """Whole weights gathered from a sharded model, read by the checkpoint writer like a model."""
+
+    def __init__(self, weights: dict[str, torch.Tensor]) -> None:
+        self.weights = weights
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.weights
+
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+STAT_KEYS = ("target_std", "pred_std", "masked_fraction")
+"""The model statistics a step reports (averaged over its micro-batches)."""
 
 
 class Trainer:
@@ -112,11 +133,15 @@ class Trainer:
         self._stop_votes = 0.0
         self.modality_means = ModalityMeans()
         """Joint runs: each modality's metrics between log lines (empty for one modality)."""
+        use_teacher_cast_copy(unwrap(model), cfg)
 
     # ----------------------------------------------------------------- state
-    def state(self) -> dict[str, Any]:
-        """Everything besides the weights that a resume needs."""
-        state = {"step": self.step, "optimizer": self.optimizer.state_dict(),
+    def state(self, optimizer_state: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Everything besides the weights that a resume needs (`optimizer_state`: the whole
+        optimizer state of a sharded run, gathered by the caller)."""
+        if optimizer_state is None:
+            optimizer_state = self.optimizer.state_dict()
+        state = {"step": self.step, "optimizer": optimizer_state,
                  "rng": _numpy_state_to_torch(ckpt.rng_state()),
                  "data": self.batches.state_dict(), "config": to_dict(self.cfg),
                  "nonfinite_skips": self.nonfinite_skips}
@@ -132,13 +157,21 @@ class Trainer:
         A failed write (non-finite weights, full disk) raises :class:`TrainingError` naming the
         newest checkpoint that is on disk and finite.
         """
-        if not self.info.is_main:
-            return None
-        if self._saved_step == self.step and self.last_checkpoint is not None:
+        if self._saved_step == self.step and (self.last_checkpoint is not None
+                                              or not self.info.is_main):
             return self.last_checkpoint
+        model: Any = unwrap(self.model)
+        optimizer_state = None
+        if is_sharded(self.model):  # every rank takes part in gathering the whole state
+            model = WeightsView(full_model_state(self.model))
+            optimizer_state = full_optimizer_state(self.model, self.optimizer)
+        if not self.info.is_main:
+            self._saved_step = self.step
+            return None
         try:
-            path = ckpt.save_checkpoint(self.ckpt_root, self.step, unwrap(self.model),
-                                        self.state(), self.cfg.run.keep_last if prune else 0)
+            path = ckpt.save_checkpoint(self.ckpt_root, self.step, model,
+                                        self.state(optimizer_state),
+                                        self.cfg.run.keep_last if prune else 0)
         except CheckpointError as e:
             raise TrainingError(f"{e}; {self._newest_finite()}") from None
         self.last_checkpoint, self._saved_step = path, self.step
@@ -170,8 +203,11 @@ class Trainer:
         """Restore weights, optimizer, step, data position and RNG from `checkpoint` (`loaded`:
         what :meth:`read_checkpoint` returned for it, to avoid reading it twice)."""
         state, weights = loaded or self.read_checkpoint(checkpoint)
-        ckpt.load_model_weights(unwrap(self.model), weights, str(checkpoint))
-        self.optimizer.load_state_dict(state["optimizer"])
+        if is_sharded(self.model):
+            load_full_state(self.model, self.optimizer, weights, state["optimizer"])
+        else:
+            ckpt.load_model_weights(unwrap(self.model), weights, str(checkpoint))
+            self.optimizer.load_state_dict(state["optimizer"])
         self.batches.load_state_dict(state["data"])
         if state.get("bad_files") and hasattr(self.batches, "restore_bad_files"):
             self.batches.restore_bad_files(state["bad_files"])
@@ -197,7 +233,8 @@ class Trainer:
         except DataError as e:
             self.batches.load_state_dict(before)
             self._iter = None
-            path = self.save() if self.step > 0 else None
+            # (not when sharded: saving gathers from every rank, and the others are not here)
+            path = self.save() if self.step > 0 and not is_sharded(self.model) else None
             kept = (f"; progress up to step {self.step} is saved in {path} (then --resume)"
                     if path else "")
             raise DataError(f"{e}{kept}; fix or remove the file, or pass --skip-bad to skip "
@@ -223,44 +260,51 @@ class Trainer:
         device = self.info.device
         loss_sum = torch.zeros((), device=device)
         count = torch.zeros((), device=device)
-        stats: dict[str, float] = {"target_std": 0.0, "pred_std": 0.0, "masked_fraction": 0.0}
+        stats = torch.zeros(len(STAT_KEYS), device=device)  # summed over micro-batches
         for i, batch in enumerate(micro_batches):
-            last = i == len(micro_batches) - 1
-            no_sync = getattr(self.model, "no_sync", None)
-            sync_ctx = contextlib.nullcontext() if last or no_sync is None else no_sync()
-            with sync_ctx:
+            with self._sync_gradients(last=i == len(micro_batches) - 1):
                 with self._autocast():
                     out = self.model(batch)
                 (out.loss_sum * self.info.world_size).backward()
             loss_sum += out.loss_sum.detach().float()
             count += out.sample_size.detach()
-            for key in stats:
-                stats[key] += float(out.stats[key]) / len(micro_batches)
+            stats += torch.stack([out.stats[key].detach().float() for key in STAT_KEYS])
         # one reduction: the loss, the positions counted, and whether any rank was signalled
         stop = torch.tensor(float(self.signal_received is not None), device=device)
         totals = all_reduce_sum(torch.stack([loss_sum, count.float(), stop]))
-        loss_total, count, self._stop_votes = totals[0], totals[1].clamp_min(1), float(totals[2])
+        count = totals[1].clamp_min(1)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        for p in params:
-            if p.grad is not None:
-                p.grad.div_(count)
         clip = self.cfg.optim.clip_norm if self.cfg.optim.clip_norm > 0 else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+        grad_norm = scale_and_clip_grads_(params, count, clip)
+        # one host sync for everything this update reports and decides on
+        reported = torch.cat([(totals[0] / count).reshape(1), grad_norm.reshape(1).float(),
+                              stats / len(micro_batches), totals[2:]])
+        loss, grad_norm_value, *stat_values, self._stop_votes = reported.tolist()
+        stat = dict(zip(STAT_KEYS, stat_values, strict=True))
         lr = lr_at(self.step, self.cfg.optim, self.cfg.run.max_steps)
-        loss = float(loss_total / count)
         samples = sum(len(b) for b in micro_batches) * self.info.world_size
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        if not (math.isfinite(loss) and math.isfinite(grad_norm_value)):
             self.optimizer.zero_grad(set_to_none=True)
-            return StepResult(loss, stats["target_std"], stats["pred_std"],
-                              stats["masked_fraction"], math.nan, lr, grad_norm, samples,
+            return StepResult(loss, stat["target_std"], stat["pred_std"],
+                              stat["masked_fraction"], math.nan, lr, grad_norm_value, samples,
                               skipped=True)
         set_lr(self.optimizer, lr)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         tau = unwrap(self.model).ema_step(self.step)  # once per update, never per micro-batch
         self.step += 1
-        return StepResult(loss, stats["target_std"], stats["pred_std"],
-                          stats["masked_fraction"], tau, lr, grad_norm, samples)
+        return StepResult(loss, stat["target_std"], stat["pred_std"], stat["masked_fraction"],
+                          tau, lr, grad_norm_value, samples)
+
+    def _sync_gradients(self, last: bool) -> contextlib.AbstractContextManager:
+        """Gradient reduction across ranks on the last micro-batch only (DDP ``no_sync``,
+        FSDP2 ``set_requires_gradient_sync``); a no-op in one process."""
+        set_sync = getattr(self.model, "set_requires_gradient_sync", None)
+        if set_sync is not None:  # FSDP2
+            set_sync(last)
+            return contextlib.nullcontext()
+        no_sync = getattr(self.model, "no_sync", None)
+        return contextlib.nullcontext() if last or no_sync is None else no_sync()
 
     def _on_nonfinite(self, result: StepResult) -> None:
         """Count a skipped update; stop (after checkpointing the last finite state) when the
