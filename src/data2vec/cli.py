@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from data2vec import __version__
 from data2vec.errors import ConfigError, Data2VecError
-from data2vec.runtime import say
+from data2vec.runtime import say, tune_malloc
 
 if TYPE_CHECKING:
     from data2vec.config import Config
@@ -142,7 +142,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 RESUME_SETTINGS = ("run.max_steps", "run.threads", "run.progress", "run.tensorboard",
                    "run.device", "run.log_every", "run.checkpoint_every", "run.keep_last",
                    "run.nonfinite", "run.max_consecutive_skips", "data.num_workers",
-                   "data.skip_bad", "data.path", "optim.lr", "optim.clip_norm")
+                   "data.skip_bad", "data.path", "optim.lr", "optim.clip_norm", "run.compile",
+                   "run.activation_checkpointing", "run.data_parallel")
 """What a resumed run may change on its command line; everything else comes from the run."""
 
 
@@ -330,6 +331,10 @@ def main(argv: list[str] | None = None) -> int:
     # cores, spinning threads made 2-thread steps 7-30x slower (benchmarks/threads.py). Must be
     # set before torch starts its OpenMP runtime; a user's own setting wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # Large tensors from the heap instead of fresh mmaps page-faulted at every step
+    # (runtime.tune_malloc; measured by benchmarks/speed.py). A user's MALLOC_* settings win.
+    if not any(k.startswith("MALLOC_") for k in os.environ):
+        tune_malloc()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # dotted overrides may come anywhere on the line, after options too

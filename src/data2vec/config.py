@@ -182,6 +182,15 @@ class RunConfig:
     of the last finite update."""
     max_consecutive_skips: int = 5
     """With nonfinite=skip: stop after this many non-finite updates in a row."""
+    compile: bool = False
+    """torch.compile every transformer block (student and teacher); the first steps compile.
+    Off by default: on 2 CPU cores it did not pay (benchmarks/speed.py, compile rows)."""
+    activation_checkpointing: bool = False
+    """Recompute each student block's activations in the backward pass instead of keeping them:
+    less memory for about one more forward of compute."""
+    data_parallel: Literal["ddp", "fsdp"] = "ddp"
+    """Under torchrun: 'ddp' (every rank holds all weights) or 'fsdp' (FSDP2: weights, gradients
+    and optimizer state sharded across ranks)."""
 
 
 @dataclass

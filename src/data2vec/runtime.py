@@ -43,6 +43,43 @@ def set_threads(threads: int = 0) -> int:
     return count
 
 
+# glibc mallopt() parameters (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+MALLOC_TRIM_THRESHOLD = 1 << 30
+"""Free memory kept by the process before it is returned to the system (1 GiB)."""
+
+
+def tune_malloc(enable: bool = True) -> bool:
+    """glibc only: serve every allocation from the heap and keep freed memory for reuse.
+
+    By default glibc hands each allocation above its mmap threshold (128 KiB, rising to at most
+    32 MiB) to ``mmap`` and gives it back with ``munmap`` when freed, so every large activation
+    of every step (GELU outputs, attention scores, target layers) is page-faulted in afresh and
+    zeroed by the kernel. ``M_MMAP_MAX=0`` keeps them on the heap and a 1 GiB trim threshold
+    stops the heap from being shrunk after each step: the same as starting the process with
+    ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1073741824``, but settable from Python at any
+    time (``mallopt``). ``enable=False`` restores glibc's defaults. Returns False where there is
+    no glibc (macOS, musl, Windows): nothing changed. ``benchmarks/speed.py`` measures the effect.
+    """
+    import ctypes
+    import ctypes.util
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    if enable:
+        ok = mallopt(M_MMAP_MAX, 0) and mallopt(M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD)
+    else:  # glibc's defaults: 65536 mmapped chunks at most, 128 KiB trim threshold
+        ok = mallopt(M_MMAP_MAX, 65536) and mallopt(M_TRIM_THRESHOLD, 128 * 1024)
+    return bool(ok)
+
+
 def current_umask() -> int:
     """The process umask (read by setting it and putting it back)."""
     mask = os.umask(0o022)
@@ -75,4 +112,4 @@ def say(*parts: object) -> None:
 
 
 __all__ = ["current_umask", "default_threads", "honour_umask", "is_main_process", "say",
-           "set_threads", "usable_cores"]
+           "set_threads", "tune_malloc", "usable_cores"]

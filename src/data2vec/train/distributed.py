@@ -102,3 +102,59 @@ def shutdown() -> None:
     """Leave the process group."""
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------ FSDP2 (sharded) state
+def is_sharded(model: nn.Module) -> bool:
+    """True when `model`'s parameters are FSDP2 shards (DTensors)."""
+    return any(hasattr(p, "to_local") for p in model.parameters())
+
+
+def _full_options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kw)
+
+
+def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A sharded model's whole state dict on CPU (a collective: every rank calls it; rank 0 gets
+    the tensors, the others an empty dict)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(model, options=_full_options(cpu_offload=True))
+
+
+def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """A sharded run's optimizer state dict in torch's plain layout (parameters numbered in
+    group order, as ``optimizer.state_dict()`` numbers them), so any run can resume it; a
+    collective like :func:`full_model_state`."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    named = get_optimizer_state_dict(model, optimizer, options=_full_options(cpu_offload=True))
+    if not named:
+        return {}
+    number: dict[str, int] = {}
+    groups = []
+    for group in named["param_groups"]:
+        for name in group["params"]:
+            number[name] = len(number)
+        groups.append({**group, "params": [number[n] for n in group["params"]]})
+    return {"state": {number[n]: v for n, v in named["state"].items()}, "param_groups": groups}
+
+
+def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer,
+                    weights: dict[str, torch.Tensor], optimizer_state: dict) -> None:
+    """Load whole (unsharded) weights and a plain optimizer state dict into a sharded model and
+    its optimizer: each rank keeps its shards."""
+    from torch.distributed.checkpoint.state_dict import (
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    set_model_state_dict(model, weights, options=_full_options())
+    names = [n for g in optimizer.param_groups for n in g["names"]]
+    groups = [{**g, "params": [names[i] for i in g["params"]]}
+              for g in optimizer_state["param_groups"]]
+    state = {names[i]: v for i, v in optimizer_state["state"].items()}
+    set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": groups},
+                             options=_full_options())

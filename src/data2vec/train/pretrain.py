@@ -14,10 +14,11 @@ from data2vec.config import Config, config_from_dict, to_dict
 from data2vec.errors import CheckpointError, ConfigError, Data2VecError
 from data2vec.files import read_text
 from data2vec.train import checkpoint as ckpt
-from data2vec.train.distributed import any_rank, init_distributed, shutdown, wrap_ddp
+from data2vec.train.distributed import any_rank, init_distributed, shutdown
 from data2vec.train.logging import setup_console_logging
 from data2vec.train.loop import Trainer, check_resume_state
 from data2vec.train.optim import build_optimizer
+from data2vec.train.parallel import parallelize
 from data2vec.train.rundir import RunLock, check_run_dir, clear_run
 
 if TYPE_CHECKING:
@@ -125,19 +126,19 @@ def pretrain(cfg: Config | JointConfig, run_dir: Path, resume: bool = False,
             prepare_data(cfg)
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         model = build_model(cfg).to(info.device)
-        optimizer = build_optimizer(model, cfg.optim)
-        batches = build_pretrain_loader(cfg, "train", info.rank, info.world_size)
-        # layer-drop skips blocks; a joint run's other modalities sit out every update
-        find_unused = cfg.model.encoder.layerdrop > 0 or not isinstance(cfg, Config)
-        trainer = Trainer(cfg, run_dir, wrap_ddp(model, info, find_unused), optimizer, batches,
-                          info)
-        # Everything is read and checked before the run directory is touched.
-        loaded = trainer.read_checkpoint(checkpoint, state) if checkpoint is not None else None
         init_weights = None
         if checkpoint is None and init is not None:
             source = ckpt.find_checkpoint(init)
             init_weights = ckpt.load_weights(source)
             ckpt.check_keys(init_weights, model.state_dict(), f"{source} does not fit the model")
+            ckpt.load_model_weights(model, init_weights, str(init))  # before any sharding
+        # checkpointing, compile, DDP / FSDP2; the optimizer sees the (maybe sharded) parameters
+        wrapped = parallelize(model, cfg, info)
+        optimizer = build_optimizer(model, cfg.optim)
+        batches = build_pretrain_loader(cfg, "train", info.rank, info.world_size)
+        trainer = Trainer(cfg, run_dir, wrapped, optimizer, batches, info)
+        # Everything is read and checked before the run directory is touched.
+        loaded = trainer.read_checkpoint(checkpoint, state) if checkpoint is not None else None
         if info.is_main:
             _take_run_dir(lock, run_dir, cfg, overwrite)
             _report_skipped(batches)
@@ -147,7 +148,6 @@ def pretrain(cfg: Config | JointConfig, run_dir: Path, resume: bool = False,
         if checkpoint is not None:
             trainer.resume(checkpoint, loaded)
         elif init_weights is not None:
-            ckpt.load_model_weights(model, init_weights, str(init))
             log.info("initialised from %s", init)
         else:
             torch.manual_seed(cfg.run.seed + info.rank)  # dropout differs across ranks
