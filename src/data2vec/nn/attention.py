@@ -13,9 +13,9 @@ AttentionImpl = Literal["auto", "sdpa", "eager"]
 
 
 def pick_attention(impl: AttentionImpl, q: Tensor) -> Literal["sdpa", "eager"]:
-    """'auto' resolved for this call: SDPA except on CPU in bf16, where the spelled-out softmax
-    path measured faster (``benchmarks/speed.py``, attention rows: both kernels on the same
-    shapes in one run). Any other choice is taken as given."""
+    """'auto' resolved for this call: SDPA except on CPU in bf16, where the spelled-out path
+    measured faster (``benchmarks/speed.py``, the attention ablation rows time both kernels on
+    the same step in one run). Any other choice is taken as given."""
     if impl != "auto":
         return impl
     return "eager" if q.device.type == "cpu" and q.dtype == torch.bfloat16 else "sdpa"
@@ -36,11 +36,16 @@ def attention_bias(padding_mask: Tensor | None, attn_bias: Tensor | None,
 
 def eager_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None,
                     dropout_p: float) -> Tensor:
-    """softmax(q kᵀ / √d + bias) v, spelled out; the reference the SDPA path is tested against."""
+    """softmax(q kᵀ / √d + bias) v, spelled out; the reference the SDPA path is tested against.
+
+    The softmax runs in the scores' dtype: torch's CPU and CUDA kernels accumulate a bf16
+    softmax in fp32 and round once, so an explicit fp32 round trip of the (B, H, T, T) scores
+    (what HF's eager path does) only adds two passes over the largest tensor of the layer.
+    """
     scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (B, H, T, T)
     if bias is not None:
-        scores = scores + bias
-    probs = scores.float().softmax(-1).to(q.dtype)
+        scores = scores.add_(bias)  # in place: the matmul's backward does not need its output
+    probs = scores.softmax(-1)
     probs = F.dropout(probs, dropout_p, training=dropout_p > 0)
     return probs @ v
 
