@@ -175,10 +175,13 @@ def test_bf16_training_step_runs_and_tracks_fp32(tmp_path: Path) -> None:
     for precision in ("fp32", "bf16"):
         torch.manual_seed(0)
         model = tiny_model()
-        trainer = Trainer(tiny_config(precision=precision), tmp_path / precision, model,
+        cfg = tiny_config(precision=precision)
+        cfg.optim.grad_accum = 2  # bf16 + accumulation: the teacher's bf16 copy is used
+        trainer = Trainer(cfg, tmp_path / precision, model,
                           build_optimizer(model, OptimConfig(lr=1e-3)), None, DistInfo())
         assert (model.teacher._cast_dtype is not None) == (precision == "bf16")
-        losses[precision] = [trainer.train_step([batch(s)]).loss for s in range(3)]
+        losses[precision] = [trainer.train_step([batch(s), batch(s + 10)]).loss
+                             for s in range(3)]
         assert trainer.step == 3
     assert all(abs(a - b) < 0.05 * abs(a) for a, b in zip(losses["fp32"], losses["bf16"],
                                                           strict=True))

@@ -97,10 +97,15 @@ def parallelize(model: nn.Module, cfg: Config, info: DistInfo) -> nn.Module:
 
 
 def use_teacher_cast_copy(model: nn.Module, cfg: Config) -> bool:
-    """bf16 runs keep the teacher's bf16 copy (see :class:`~data2vec.objective.ema.EMATeacher`),
-    except under FSDP2 (its sharded weights are gathered per block) or compile."""
+    """Keep the teacher's bf16 weight copy (see :class:`~data2vec.objective.ema.EMATeacher`) in
+    bf16 runs that accumulate gradients: the teacher then runs ``optim.grad_accum`` times per
+    EMA update, and the copy casts its weights once instead of at every micro-batch. With one
+    micro-batch the copy casts exactly what autocast would (same bytes, once per update): it
+    measured no faster (``benchmarks/speed.py``, ablation rows), so it stays off. Never under
+    FSDP2 (sharded weights are gathered block by block) or compile."""
     teacher = getattr(model, "teacher", None)
-    enable = (cfg.run.precision == "bf16" and not cfg.run.compile and teacher is not None
+    enable = (cfg.run.precision == "bf16" and cfg.optim.grad_accum > 1 and not cfg.run.compile
+              and teacher is not None
               and not any(hasattr(p, "to_local") for p in model.parameters()))
     if teacher is not None:
         teacher.keep_cast_copy(torch.bfloat16 if enable else None)
