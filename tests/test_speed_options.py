@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import os
+import platform
 import socket
 from pathlib import Path
 
@@ -304,3 +305,39 @@ def test_fsdp2_and_activation_checkpointing_on_two_processes_equal_one(tmp_path:
         assert weights.keys() == single.keys()
         for key in weights:
             assert torch.allclose(weights[key], single[key], atol=1e-5), (name, key)
+
+
+# ------------------------------------------------------------------------------ allocator
+
+
+def _mmapped_bytes() -> int:
+    import ctypes
+
+    class Info(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks",
+                                                   "hblkhd", "usmblks", "fsmblks", "uordblks",
+                                                   "fordblks", "keepcost")]
+
+    mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+    mallinfo2.restype = Info
+    return mallinfo2().hblkhd
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt only")
+def test_tuned_malloc_keeps_large_tensors_off_mmap() -> None:
+    from data2vec.runtime import tune_malloc
+
+    size = 64 * 2**20  # above glibc's largest dynamic mmap threshold (32 MiB)
+    try:
+        assert tune_malloc(enable=False)
+        before = _mmapped_bytes()
+        big = torch.empty(size, dtype=torch.uint8)
+        assert _mmapped_bytes() - before >= size  # glibc's default: a fresh mapping
+        del big
+        assert tune_malloc()
+        before = _mmapped_bytes()
+        big = torch.empty(size, dtype=torch.uint8)
+        assert _mmapped_bytes() - before < size  # tuned: from the heap
+        del big
+    finally:
+        tune_malloc()  # what the command line sets (other tests call it in this process)
