@@ -153,6 +153,21 @@ def test_teacher_bf16_copy_gives_the_autocast_result_and_follows_the_weights() -
     assert all(torch.equal(p, c) for p, c in zip(plain, cast, strict=True))
 
 
+def test_joint_model_keeps_no_teacher_copy_its_parts_would_bypass(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from data2vec.build import build_model
+    from data2vec.config import load_config
+    from data2vec.train.parallel import use_teacher_cast_copy
+
+    monkeypatch.setenv("DATA2VEC_HOME", str(tmp_path))
+    cfg = load_config("image,text", "tiny", 1,
+                      overrides=["run.precision=bf16", "optim.grad_accum=2"])
+    model = build_model(cfg)
+    assert not use_teacher_cast_copy(model, cfg)
+    assert model.teacher._cast_dtype is None
+    assert all(part.teacher is not model.teacher for part in model.views.values())
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_attention_kernels_agree(dtype: torch.dtype) -> None:
     attn = Attention(32, 4, impl="sdpa").to(dtype)

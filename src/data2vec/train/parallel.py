@@ -102,10 +102,13 @@ def use_teacher_cast_copy(model: nn.Module, cfg: Config) -> bool:
     EMA update, and the copy casts its weights once instead of at every micro-batch. With one
     micro-batch the copy casts exactly what autocast would (same bytes, once per update): it
     measured no faster (``benchmarks/speed.py``, ablation rows), so it stays off. Never under
-    FSDP2 (sharded weights are gathered block by block) or compile."""
+    FSDP2 (sharded weights are gathered block by block) or compile, nor in a joint model: its
+    parts run the shared teacher through their own views, which a copy kept here would bypass
+    (it would be refreshed at every update and never read)."""
     teacher = getattr(model, "teacher", None)
+    joint = hasattr(model, "views")
     enable = (cfg.run.precision == "bf16" and cfg.optim.grad_accum > 1 and not cfg.run.compile
-              and teacher is not None
+              and teacher is not None and not joint
               and not any(hasattr(p, "to_local") for p in model.parameters()))
     if teacher is not None:
         teacher.keep_cast_copy(torch.bfloat16 if enable else None)
