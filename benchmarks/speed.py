@@ -942,8 +942,8 @@ def birder_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
            "--warmup", str(args.warmup), "--reps", str(args.reps)]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
     if result.returncode != 0:
-        return [{"kind": "birder", "note": "birder worker failed: "
-                 + result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "?"}]
+        last = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "?"
+        return [{"kind": "birder", "note": f"birder worker failed: {last}"}]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -952,6 +952,7 @@ def birder_worker(args: argparse.Namespace) -> None:
     script) and ours on the same config, interleaved."""
     import birder_d2v2_step as kit  # ../shared/perf-anchors, on PYTHONPATH
 
+    tune_malloc()  # as our command line does; one process, so birder's step gets it too
     torch.set_num_threads(args.threads)
     peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
     rows = []
