@@ -1025,7 +1025,7 @@ def plot(payload: dict[str, Any], path: Path) -> None:
 
 
 def print_tables(rows: list[dict[str, Any]]) -> None:
-    pct = {"mfu", "hf_mfu", "mfu_load_matched", "hf_mfu_load_matched"}
+    pct = {"mfu", "hf_mfu", "mfu_load_matched", "hf_mfu_load_matched", "mfu_ours", "mfu_birder"}
     for kind, cols in (
             ("encoder", ["modality", "size", "precision", "shape", "ours_s", "hf_s", "hf_best",
                          "speedup_vs_hf", "speedup_vs_hf_of_minima", "mfu", "hf_mfu",
@@ -1037,7 +1037,7 @@ def print_tables(rows: list[dict[str, Any]]) -> None:
                         "step_per_s", "ratio"]),
             ("ablation", ["option", "precision", "config", "on_s", "off_s", "speedup"]),
             ("birder", ["precision", "ours_s", "birder_s", "speedup_vs_birder", "mfu_ours",
-                        "mfu_birder"])):
+                        "mfu_birder", "note"])):
         subset = [{k: (100 * v if k in pct and isinstance(v, float) else v)
                    for k, v in r.items()} for r in rows if r["kind"] == kind]
         if subset:
@@ -1098,6 +1098,12 @@ def main() -> None:
             if not args.quick or s == "tiny" or m == "image"]
     rows: list[dict[str, Any]] = []
     step_rates: dict[tuple, float] = {}
+    name = args.out or ("speed_quick" if args.quick else "speed")
+
+    def save_partial() -> None:  # a stopped run keeps the rows it measured
+        write_result(f"{name}.partial", {"threads": args.threads, "peaks_gflops": peaks,
+                                          "partial": True, "rows": rows})
+
     with tempfile.TemporaryDirectory() as tmp:
         for modality, size in plan:
             for precision in args.precisions:
@@ -1114,12 +1120,18 @@ def main() -> None:
                     print(f"  step v{row['version']}: {row['median_s']:.3f} s, MFU "
                           f"{100 * row['mfu']:.0f} %", flush=True)
             rows += loader_rows(modality, size, args, step_rates)
+            save_partial()
         if not (args.quick or args.no_ablations):
             rows += ablation_rows(args, peaks, Path(tmp))
+            save_partial()
             rows += malloc_rows(args)
             rows += profile_rows(args, Path(tmp))
+            save_partial()
     if args.birder_python:
         rows += birder_rows(args)
+    else:
+        rows.append({"kind": "birder", "note": "skipped: no --birder-python (birder needs its "
+                     "own venv, never the project's)"})
     peaks_end = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
     load_end = os.getloadavg()
     best = {k: max(peaks[k], peaks_end[k]) for k in peaks}
@@ -1143,9 +1155,9 @@ def main() -> None:
                     "figures are lower bounds, ratios within a row are side by side",
         "rows": rows,
     }
-    name = args.out or ("speed_quick" if args.quick else "speed")
     print_tables(rows)
     path = write_result(name, payload)
+    (RESULTS / f"{name}.partial.json").unlink(missing_ok=True)
     plot({**payload, "machine": machine()}, RESULTS / f"{name}.png")
     print(f"\n{path} ({payload['wall_s'] / 60:.1f} min)")
 
