@@ -16,7 +16,7 @@ from data2vec.finetune.loop import (
     mix,
     train_step,
 )
-from data2vec.finetune.models import channel_mask, layer_decay_scales
+from data2vec.finetune.models import StandardizedLinear, channel_mask, layer_decay_scales
 from data2vec.train.optim import set_lr
 
 SMALL = ["model.encoder.depth=3"]
@@ -90,7 +90,7 @@ def test_linear_probe_trains_only_the_head() -> None:
     batch = Batch(source=images, target=torch.tensor([0, 1, 2, 3]))
     train_step(model, optimizer, batch, ft, optim_cfg, 0, 10, torch.Generator().manual_seed(0))
     changed = _changed(model, before)
-    assert changed["head.1.weight"]
+    assert changed["head.1.linear.weight"]
     assert not any(v for n, v in changed.items() if not n.startswith("head."))
 
 
@@ -147,3 +147,22 @@ def test_v2_speech_fine_tuning_keeps_the_pretrained_alibi_bias(tmp_path) -> None
           None, 1)
     loaded, *_ = load_finetuned(tmp_path)
     assert torch.equal(loaded.alibi.alibi_scale, backbone.alibi.alibi_scale)
+
+
+def test_standardized_head_saves_as_the_plain_linear_it_equals() -> None:
+    torch.manual_seed(0)
+    head = StandardizedLinear(torch.nn.Linear(6, 3))
+    features = 5.0 + 0.1 * torch.randn(4, 10, 6)  # a large common offset, as frozen features have
+    for chunk in features:  # running statistics: the mean over every training batch
+        head(chunk)
+    head.eval()
+    flat = features.reshape(-1, 6)
+    assert torch.allclose(head.norm.running_mean, flat.mean(0), atol=1e-6)
+    plain = torch.nn.Linear(6, 3)
+    plain.load_state_dict(head.state_dict())  # exactly weight and bias
+    assert set(head.state_dict()) == {"weight", "bias"}
+    probe = torch.randn(7, 6) * 0.1 + 5.0
+    assert torch.allclose(plain(probe), head(probe), atol=1e-5)
+    batch_var = torch.stack([chunk.var(0) for chunk in features]).mean(0)  # averaged per batch
+    expected = head.linear((probe - flat.mean(0)) / torch.sqrt(batch_var + head.norm.eps))
+    assert torch.allclose(head(probe), expected, atol=1e-4)

@@ -27,6 +27,9 @@ TASK_DEFAULTS: dict[str, dict[str, object]] = {
                  "batch_size": 16, "max_tokens": 64},
     "audio-cls": {"lr": 5e-4, "weight_decay": 0.01, "mask_prob": 0.0, "channel_mask_prob": 0.0},
 }
+LINEAR_PROBE_DEFAULTS: dict[str, object] = {"lr": 0.05}
+"""--linear-probe on top of the task's defaults: a linear head on standardised frozen features
+takes a far larger step (tiny image v1, 300 updates, valid: lr 1e-3 0.41, 1e-2 0.55, 5e-2 0.58)."""
 
 
 def settings_help() -> str:
@@ -110,7 +113,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
              "max_steps": args.max_steps, "batch_size": args.batch_size, "lr": args.lr,
              "seed": args.seed, "eval_every": args.eval_every, "device": args.device}
     # flags left out keep the task's defaults
-    values = {**TASK_DEFAULTS[args.task], **{k: v for k, v in given.items() if v is not None}}
+    values = {**TASK_DEFAULTS[args.task], **(LINEAR_PROBE_DEFAULTS if args.linear_probe else {}),
+              **{k: v for k, v in given.items() if v is not None}}
     ft = finetune_config(args.task, settings, **values)
     if args.print_config:
         import yaml

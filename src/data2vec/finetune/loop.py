@@ -255,6 +255,9 @@ def build_finetune_model(ft: FinetuneConfig, cfg: Config, backbone: nn.Module,
     if ft.linear_probe:
         for name, p in model.named_parameters():
             p.requires_grad_(name.startswith("head."))
+        for norm in model.head.modules():  # a moving norm would make the batch statistics stale
+            if isinstance(norm, nn.LayerNorm):
+                norm.requires_grad_(False)
         model.frozen_encoder = True
         model.head[-1] = StandardizedLinear(model.head[-1])  # saved as the plain Linear
     return model

@@ -166,10 +166,13 @@ class StandardizedLinear(nn.Module):
         weight = self.linear.weight * scale  # (C, D)
         return weight, self.linear.bias - weight @ self.norm.running_mean
 
-    def _save_to_state_dict(self, destination, prefix: str, keep_vars: bool) -> None:
+    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
+        """The folded ``weight`` and ``bias`` only (no normalisation statistics)."""
+        destination = {} if destination is None else destination
         weight, bias = self.folded()
         destination[prefix + "weight"] = weight if keep_vars else weight.detach()
         destination[prefix + "bias"] = bias if keep_vars else bias.detach()
+        return destination
 
 
 def layer_decay_scales(model: FineTuneModel, decay: float) -> dict[str, float]:
