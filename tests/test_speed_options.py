@@ -8,6 +8,8 @@ import copy
 import os
 import platform
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -325,34 +327,39 @@ def test_fsdp2_and_activation_checkpointing_on_two_processes_equal_one(tmp_path:
 # ------------------------------------------------------------------------------ allocator
 
 
-def _mmapped_bytes() -> int:
-    import ctypes
+MALLOC_PROBE = """
+import ctypes, torch
+from data2vec.runtime import tune_malloc
 
-    class Info(ctypes.Structure):
-        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks",
-                                                   "hblkhd", "usmblks", "fsmblks", "uordblks",
-                                                   "fordblks", "keepcost")]
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                                               "usmblks", "fsmblks", "uordblks", "fordblks",
+                                               "keepcost")]
 
-    mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
-    mallinfo2.restype = Info
-    return mallinfo2().hblkhd
+mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+mallinfo2.restype = Info
+
+def mapped_by(size):
+    before = mallinfo2().hblkhd
+    big = torch.empty(size, dtype=torch.uint8)
+    grown = mallinfo2().hblkhd - before
+    del big
+    return grown
+
+size = 64 * 2**20  # above glibc's largest dynamic mmap threshold (32 MiB)
+default = mapped_by(size)
+assert tune_malloc()
+print(default, mapped_by(size), size)
+"""
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt only")
 def test_tuned_malloc_keeps_large_tensors_off_mmap() -> None:
-    from data2vec.runtime import tune_malloc
-
-    size = 64 * 2**20  # above glibc's largest dynamic mmap threshold (32 MiB)
-    try:
-        assert tune_malloc(enable=False)
-        before = _mmapped_bytes()
-        big = torch.empty(size, dtype=torch.uint8)
-        assert _mmapped_bytes() - before >= size  # glibc's default: a fresh mapping
-        del big
-        assert tune_malloc()
-        before = _mmapped_bytes()
-        big = torch.empty(size, dtype=torch.uint8)
-        assert _mmapped_bytes() - before < size  # tuned: from the heap
-        del big
-    finally:
-        tune_malloc()  # what the command line sets (other tests call it in this process)
+    # a fresh process: the allocator's state is process-wide, and earlier tests (the command
+    # line tunes it) leave a heap large enough to serve the block without any mapping
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    out = subprocess.run([sys.executable, "-c", MALLOC_PROBE], env=env, capture_output=True,
+                         text=True, check=True).stdout
+    default, tuned, size = map(int, out.split())
+    assert default >= size  # glibc's default: a fresh mapping, page-faulted in at first use
+    assert tuned < size  # tuned: from the heap, reused from step to step
