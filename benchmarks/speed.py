@@ -206,7 +206,8 @@ def interleaved(steps: dict[str, Callable[[], Any]], warmup: int, reps: int,
     times: dict[str, list[float]] = {name: [] for name in steps}
     loads: dict[str, list[float]] = {name: [] for name in steps}
     rounds = 0
-    while rounds < reps or min(sum(t) for t in times.values()) < min_time_s:
+    counted = [name for name in steps if name != "matmul"]  # the probe rides along
+    while rounds < reps or min(sum(times[name]) for name in counted) < min_time_s:
         rounds += 1
         for name, step in steps.items():
             if before:
@@ -1073,7 +1074,10 @@ def main() -> None:
     parser.add_argument("--loader-batches", type=int, default=8)
     parser.add_argument("--birder-python", help="python of a venv with birder (see "
                         "../shared/perf-anchors/setup_venvs.sh); omitted: no birder rows")
-    parser.add_argument("--no-ablations", action="store_true")
+    parser.add_argument("--no-ablations", action="store_true",
+                        help="skip the ablation and malloc rows (the op profile still runs)")
+    parser.add_argument("--skip-steps", nargs="*", default=[], metavar="MODALITY",
+                        help="encoder rows only for these modalities (no step or loader rows)")
     parser.add_argument("--ablation-size", default="base", choices=["tiny", "base"],
                         help="preset of the ablation and malloc rows")
     parser.add_argument("--no-compile", dest="compile", action="store_false",
@@ -1114,17 +1118,21 @@ def main() -> None:
                           f"{row.get('hf_s', float('nan')):.3f} s ({row.get('hf_best')}), "
                           f"x{row.get('speedup_vs_hf', float('nan')):.2f}, MFU "
                           f"{100 * row['mfu']:.0f} %", flush=True)
+                if modality in args.skip_steps:
+                    continue
                 for row in step_rows(modality, size, precision, args, peaks, Path(tmp)):
                     rows.append(row)
                     step_rates[modality, size, row["version"], precision] = row["samples_per_s"]
                     print(f"  step v{row['version']}: {row['median_s']:.3f} s, MFU "
                           f"{100 * row['mfu']:.0f} %", flush=True)
-            rows += loader_rows(modality, size, args, step_rates)
+            if modality not in args.skip_steps:
+                rows += loader_rows(modality, size, args, step_rates)
             save_partial()
         if not (args.quick or args.no_ablations):
             rows += ablation_rows(args, peaks, Path(tmp))
             save_partial()
             rows += malloc_rows(args)
+        if not args.quick:
             rows += profile_rows(args, Path(tmp))
             save_partial()
     if args.birder_python:
