@@ -292,7 +292,7 @@ def main() -> None:
              "rel. reduction": f"{100 * r['relative_error_reduction']:.0f} %",
              "goal (≥ 20 %)": "met" if r["goal_met"] else "missed",
              "wall min": f"{r['wall_seconds'] / 60:.1f}",
-             "CPU min": f"{r['cpu_seconds'] / 60:.1f}"}
+             "CPU min": f"{r['cpu_seconds'] / 60:.1f}" if "cpu_seconds" in r else "-"}
             for m, r in results.items()]
     print_table(rows, list(rows[0]))
     probe = results.get("image", {}).get("linear_probe")
