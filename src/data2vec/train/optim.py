@@ -51,10 +51,11 @@ def adamw(groups: list[dict], lr: float, betas: tuple[float, float], eps: float,
           fused: bool | None = None) -> torch.optim.AdamW:
     """AdamW, fused (one kernel over all parameters) where torch has it, else foreach.
 
-    On CPU torch's default is the per-tensor loop: a Base-size update took 1.3-2.4 s against
-    0.14-0.40 s fused on 2 cores (``benchmarks/speed.py``, optimizer rows), and its temporaries
-    (one per tensor per op) are what the allocator pays for. The three give the same update up
-    to rounding (``tests/test_speed_options.py``). ``fused=None``: fused when possible."""
+    On CPU torch's default is the per-tensor loop, with one temporary per tensor per op for the
+    allocator to pay for; the fused kernel makes one pass (not re-measured in the committed
+    ``benchmarks/results/speed.json``: its ablation rows were not run). The three give the
+    same update up to rounding (``tests/test_speed_options.py``). ``fused=None``: fused when
+    possible."""
     params = [p for g in groups for p in g["params"]]
     if fused is None:
         fused = can_fuse(params)

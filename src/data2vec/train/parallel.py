@@ -100,8 +100,8 @@ def use_teacher_cast_copy(model: nn.Module, cfg: Config) -> bool:
     """Keep the teacher's bf16 weight copy (see :class:`~data2vec.objective.ema.EMATeacher`) in
     bf16 runs that accumulate gradients: the teacher then runs ``optim.grad_accum`` times per
     EMA update, and the copy casts its weights once instead of at every micro-batch. With one
-    micro-batch the copy casts exactly what autocast would (same bytes, once per update): it
-    measured no faster (``benchmarks/speed.py``, ablation rows), so it stays off. Never under
+    micro-batch the copy casts exactly what autocast would (same bytes, once per update), so it
+    can save nothing there and stays off. Never under
     FSDP2 (sharded weights are gathered block by block) or compile, nor in a joint model: its
     parts run the shared teacher through their own views, which a copy kept here would bypass
     (it would be refreshed at every update and never read)."""
