@@ -98,7 +98,7 @@ def test_finetune_help_lists_every_setting(capsys) -> None:
     text = capsys.readouterr().out
     for field in dataclasses.fields(FinetuneConfig):
         assert re.search(rf"^  {field.name}=", text, re.M), field.name
-    assert "lr=0.0005" in text  # the asr task default, listed too
+    assert "lr=0.001" in text  # the asr task default, listed too
 
 
 def test_readme_synopsis_has_every_verb_and_flag() -> None:

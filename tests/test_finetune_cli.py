@@ -124,3 +124,32 @@ def test_init_from_pretraining_run_student_or_teacher(tmp_path: Path,
     assert scored["accuracy"] == pytest.approx(trained["accuracy"], abs=1e-4)
     code = main(["finetune", "--task", "asr", "--init", str(run), "--out", str(tmp_path / "x")])
     assert code == 2 and "needs speech" in capsys.readouterr().err
+
+
+def test_compare_scratch_runs_the_same_architecture_from_random_weights(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    run = tmp_path / "pre"
+    assert main(["pretrain", "--modality", "image", "--out", str(run), "--max-steps", "2",
+                 "run.progress=false", "run.tensorboard=false", "run.threads=1",
+                 "model.encoder.depth=1", "model.objective.top_k=1"]) == 0
+    saved = ckpt.load_weights(ckpt.find_checkpoint(run))
+    torch.manual_seed(3)
+    cfg, model = load_backbone(FinetuneConfig(task="image-cls", init=str(run), random_init=True))
+    assert cfg.model.encoder.depth == 1  # the checkpoint's architecture, not the preset's
+    weights = model.state_dict()
+    assert weights.keys() == saved.keys()
+    key = "encoder.blocks.0.mlp.fc1.weight"
+    assert weights[key].shape == saved[key].shape and not torch.equal(weights[key], saved[key])
+    out = tmp_path / "cmp"
+    assert main(["finetune", "--task", "image-cls", "--init", str(run), "--out", str(out),
+                 "--compare-scratch", "--label-fraction", "0.1", *TINY[2:]]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()[-1]
+    pretrained = json.loads((out / "finetune.json").read_text())
+    scratch = json.loads((out / "scratch" / "finetune.json").read_text())
+    assert scratch["split"] == pretrained["split"] and scratch["steps"] == pretrained["steps"]
+    assert printed.startswith("compare image-cls on valid") and "from scratch" in printed
+    ours, base = pretrained["metrics"]["accuracy"], scratch["metrics"]["accuracy"]
+    assert f"{ours:.4f} pre-trained vs {base:.4f} from scratch" in printed
+    code = main(["finetune", "--task", "image-cls", "--init", "scratch", "--compare-scratch",
+                 "--out", str(tmp_path / "x")])
+    assert code == 2 and "--compare-scratch" in capsys.readouterr().err

@@ -36,7 +36,13 @@ from data2vec.configlib import from_dict
 from data2vec.data.collate import derive_seed
 from data2vec.errors import CheckpointError, ConfigError
 from data2vec.finetune import ctc, data, metrics
-from data2vec.finetune.models import TASKS, FineTuneModel, channel_mask, layer_decay_scales
+from data2vec.finetune.models import (
+    TASKS,
+    FineTuneModel,
+    StandardizedLinear,
+    channel_mask,
+    layer_decay_scales,
+)
 from data2vec.train import checkpoint as ckpt
 from data2vec.train.loop import TrainingError
 from data2vec.train.optim import lr_at, param_groups, set_lr
@@ -57,6 +63,9 @@ class FinetuneConfig:
     version: int = 1
     from_teacher: bool = False
     """Start from the EMA teacher's encoder instead of the student's (fairseq load_ema)."""
+    random_init: bool = False
+    """Build `init`'s architecture with random weights: the from-scratch baseline of the same
+    model (``--compare-scratch``)."""
     data: str = ""
     """Labelled data directory; empty = the modality's demo data."""
     glue: str = ""
@@ -93,7 +102,8 @@ class FinetuneConfig:
     cutmix: float = 0.0
     """Images: cutmix alpha (0 = off); with both, each batch picks one at random."""
     linear_probe: bool = False
-    """Freeze the whole encoder; only the head trains."""
+    """Freeze the whole encoder (eval mode: no dropout, no drop-path); only the head trains, its
+    classifier on batch-standardised features (MAE's linear probe; saved as a plain Linear)."""
     crop_scale: tuple[float, float] = (0.5, 1.0)
     """Images: random resized crop area range for training (milder than pre-training's)."""
     hflip: bool = False
@@ -162,6 +172,8 @@ def load_backbone(ft: FinetuneConfig, model_overrides: list[str] | None = None):
         raise ConfigError(f"--init {ft.init} is already fine-tuned ({loaded.task}); start from a "
                           "pre-training run or an imported base model")
     model = loaded.network
+    if ft.random_init:  # same architecture (and vocabulary), fresh weights from ft.seed
+        return loaded.cfg, build_model(loaded.cfg)
     if ft.from_teacher:  # fairseq load_ema: the teacher's copy of what it tracks
         model._tracked().load_state_dict(model.teacher.model.state_dict())
     return loaded.cfg, model
@@ -244,6 +256,7 @@ def build_finetune_model(ft: FinetuneConfig, cfg: Config, backbone: nn.Module,
         for name, p in model.named_parameters():
             p.requires_grad_(name.startswith("head."))
         model.frozen_encoder = True
+        model.head[-1] = StandardizedLinear(model.head[-1])  # saved as the plain Linear
     return model
 
 
@@ -368,6 +381,9 @@ def train_step(model: FineTuneModel, optimizer: torch.optim.Optimizer, batch: Ba
     lr, step."""
     model.train()
     model.frozen_encoder = ft.linear_probe or step < ft.freeze_encoder_steps
+    if ft.linear_probe:  # frozen features are the eval-mode ones: no drop-path, no dropout
+        model.frontend.eval()
+        model.encoder.eval()
     loss = task_loss(model, batch, ft, num_outputs, gen)
     if not torch.isfinite(loss):
         raise TrainingError(f"non-finite fine-tuning loss at step {step + 1} (lr {ft.lr})")

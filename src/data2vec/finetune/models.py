@@ -141,6 +141,37 @@ class FineTuneModel(nn.Module):
         return self.head(self.pool(x, padding)), None
 
 
+class StandardizedLinear(nn.Module):
+    """A Linear layer on batch-standardised inputs: BatchNorm without affine parameters before the
+    classifier, MAE's linear-probe recipe (frozen features share a large common offset, so a
+    plain head trained by SGD barely moves in a few hundred updates). Running statistics are the
+    average over every training batch (``momentum=None``). In eval mode the layer *is* a plain
+    Linear, ``W' = W / s``, ``b' = b − W' μ``, and that is how it is saved: a checkpoint holds
+    ``weight`` and ``bias`` under this layer's name, so it loads into the plain head.
+    """
+
+    def __init__(self, linear: nn.Linear, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm1d(linear.in_features, eps=eps, affine=False, momentum=None)
+        self.linear = linear
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (..., D) -> (..., C); statistics over every leading position."""
+        flat = self.norm(x.reshape(-1, x.shape[-1]))  # (N, D)
+        return self.linear(flat.reshape(x.shape))
+
+    def folded(self) -> tuple[Tensor, Tensor]:
+        """(weight, bias) of the plain Linear this layer equals in eval mode."""
+        scale = torch.rsqrt(self.norm.running_var + self.norm.eps)  # (D,)
+        weight = self.linear.weight * scale  # (C, D)
+        return weight, self.linear.bias - weight @ self.norm.running_mean
+
+    def _save_to_state_dict(self, destination, prefix: str, keep_vars: bool) -> None:
+        weight, bias = self.folded()
+        destination[prefix + "weight"] = weight if keep_vars else weight.detach()
+        destination[prefix + "bias"] = bias if keep_vars else bias.detach()
+
+
 def layer_decay_scales(model: FineTuneModel, decay: float) -> dict[str, float]:
     """Per-parameter lr multipliers (BEiT layer-wise decay over depth n):
 
@@ -161,5 +192,5 @@ def layer_decay_scales(model: FineTuneModel, decay: float) -> dict[str, float]:
     return scales
 
 
-__all__ = ["TASKS", "FineTuneModel", "Pooling", "Task", "channel_mask", "layer_decay_scales",
-           "make_head"]
+__all__ = ["TASKS", "FineTuneModel", "Pooling", "StandardizedLinear", "Task", "channel_mask",
+           "layer_decay_scales", "make_head"]

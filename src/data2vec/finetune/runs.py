@@ -153,4 +153,24 @@ def summary_line(task: str, summary: dict[str, Any]) -> str:
             f"{summary['train_examples']} training examples{best}); run {summary['run']}")
 
 
-__all__ = ["SUMMARY_FILE", "FinetuneRun", "format_metrics", "main_metric", "summary_line"]
+def error_of(metric: str, value: float) -> float:
+    """The error a metric implies: WER / CER as they are, 1 − score for the others."""
+    return value if metric in ("wer", "cer") else 1.0 - value
+
+
+def comparison_line(task: str, pretrained: dict[str, Any], scratch: dict[str, Any]) -> str:
+    """``--compare-scratch``: both runs' main metric (the one that picks the best checkpoint)
+    on the same split, and the relative error reduction."""
+    name = pretrained["best_metric"]
+    ours, base = pretrained["metrics"][name], scratch["metrics"][name]
+    err, base_err = error_of(name, ours), error_of(name, base)
+    change = (base_err - err) / base_err if base_err > 0 else math.nan
+    verdict = "reduces" if change >= 0 else "increases"
+    return (f"compare {task} on {pretrained['split']} ({pretrained['examples']} examples): "
+            f"{name} {ours:.4f} pre-trained vs {base:.4f} from scratch (same architecture and "
+            f"settings; run {scratch['run']}): pre-training {verdict} the error by "
+            f"{100 * abs(change):.0f} %")
+
+
+__all__ = ["SUMMARY_FILE", "FinetuneRun", "comparison_line", "error_of", "format_metrics",
+           "main_metric", "summary_line"]
