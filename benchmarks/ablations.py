@@ -21,8 +21,10 @@ paper, derived from that comparison (and the collapse alarm), then, for the full
 likely reason (``REASONS``, written after looking at the measured numbers; ``--render`` rewrites
 the JSON, table and plot from the stored runs without training again).
 
-    python benchmarks/ablations.py                  # the full study (--help for the budget)
+    python benchmarks/ablations.py                  # the full study -> results/ablations.*
+    python benchmarks/ablations.py --groups clones --update   # one group, merged in
     python benchmarks/ablations.py --quick          # every group, 1 seed, short (< 5 min)
+                                                    #   -> results/ablations_quick.*
     python benchmarks/ablations.py --smoke --out /tmp/x   # two rows of one group (CI)
     python benchmarks/ablations.py --render         # re-render results/ablations.json
 """
@@ -268,27 +270,25 @@ def main() -> None:
     parser.add_argument("--budget", type=float, help="CPU seconds per run")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--name", default="ablations")
+    parser.add_argument("--name", help="file stem (default ablations, ablations_quick, "
+                                       "ablations_smoke by mode)")
+    parser.add_argument("--update", action="store_true",
+                        help="run only --groups and merge them into the existing JSON, keeping "
+                             "the other groups' runs (same mode, seeds and budget)")
     args = parser.parse_args()
-    if args.render:
-        stored = json.loads((args.out / f"{args.name}.json").read_text())
-        keep = {k: stored[k] for k in ("command", "machine", "date") if k in stored}
-        payload = {k: v for k, v in stored.items()
-                   if k not in ("command", "machine", "date", "rows", "paper", "plot")}
-        path = finish(payload, args.out, args.name)
-        record = json.loads(path.read_text())
-        record.update({**keep, "rendered_by": "python " + " ".join(sys.argv)})
-        path.write_text(json.dumps(record, indent=2) + "\n")
-        return
     mode_name = "smoke" if args.smoke else "quick" if args.quick else "full"
+    name = args.name or ("ablations" if mode_name == "full" else f"ablations_{mode_name}")
+    if args.render:
+        render(args.out, name)
+        return
     mode = dict(MODES[mode_name])
     chosen = {k: GROUPS[k] for k in (args.groups or GROUPS)}
     if args.smoke:
-        name = next(iter(chosen))
-        g = chosen[name]
+        first = next(iter(chosen))
+        g = chosen[first]
         two = {k: v for k, v in g.settings.items()
                if k in (next(iter(g.settings)), g.paper_setting)}
-        chosen = {name: Group(g.version, g.base, two, g.paper_setting, g.paper)}
+        chosen = {first: Group(g.version, g.base, two, g.paper_setting, g.paper)}
     if args.seeds:
         mode["seeds"] = args.seeds
     if args.budget:
@@ -296,19 +296,50 @@ def main() -> None:
     wall = time.perf_counter()
     load = LoadSampler()
     runs = run_jobs(jobs_for(chosen, mode), args.workers)
+    record = {"command": "python " + " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "load": load.stop(), "total_wall_seconds": time.perf_counter() - wall,
+              "workers": args.workers}
+    measured_by = dict.fromkeys(chosen, record)  # which invocation measured each group
+    base = {k: f"benchmarks/presets/image_v{g.version}_matched.yaml + {g.base}"
+            for k, g in chosen.items()}
+    stored_path = args.out / f"{name}.json"
+    if args.update and stored_path.exists():
+        stored = json.loads(stored_path.read_text())
+        if (stored["mode"], stored["seeds"], stored["budget_cpu_seconds"]) != \
+                (mode_name, mode["seeds"], mode["budget"]):
+            raise SystemExit(f"{stored_path}: mode {stored['mode']}, seeds {stored['seeds']}, "
+                             f"budget {stored['budget_cpu_seconds']} differ: cannot merge "
+                             "(drop --update)")
+        for group_name in stored["measured_by"]:
+            if group_name not in chosen:
+                runs += [r for r in stored["runs"] if r["key"].startswith(f"{group_name}/")]
+                measured_by[group_name] = stored["measured_by"][group_name]
+                base[group_name] = stored["base_presets"][group_name]
+    order = [k for k in GROUPS if k in measured_by]
     payload = {"mode": mode_name, "seeds": mode["seeds"], "budget_cpu_seconds": mode["budget"],
                "probe_fractions": list(mode["fractions"]),
                "probe": {"kind": "logistic regression on every block's mean-pooled output, "
                                  "concatenated; demo digits, accuracy on valid + test",
                          "c": PROBE_C, "train_examples": mode["probe_train"]},
                "clock": "training CPU seconds of the run's own process (1 torch thread)",
-               "workers": args.workers, "threads_per_worker": 1,
-               "base_presets": {k: f"benchmarks/presets/image_v{g.version}_matched.yaml "
-                                   f"+ {g.base}" for k, g in chosen.items()},
+               "threads_per_worker": 1,
+               "base_presets": {k: base[k] for k in order},
                "data2vec_home": os.environ.get("DATA2VEC_HOME", ""),
-               "load": load.stop(), "total_wall_seconds": time.perf_counter() - wall,
+               "measured_by": {k: measured_by[k] for k in order},
                "runs": runs}
-    finish(payload, args.out, args.name)
+    finish(payload, args.out, name)
+
+
+def render(out: Path, name: str) -> None:
+    """Rebuild rows, readings, table and plot of <out>/<name>.json from its stored runs."""
+    stored = json.loads((out / f"{name}.json").read_text())
+    keep = {k: stored[k] for k in ("command", "machine", "date") if k in stored}
+    payload = {k: v for k, v in stored.items()
+               if k not in ("command", "machine", "date", "rows", "paper", "plot")}
+    path = finish(payload, out, name)
+    record = json.loads(path.read_text())
+    record.update({**keep, "rendered_by": "python " + " ".join(sys.argv)})
+    path.write_text(json.dumps(record, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -11,8 +11,10 @@ between probe points) as a fraction of v1's budget, the same in FLOPs, the goal 
 direction: ≤ 1/2 on images and speech, ≤ 1 on text) and the time per update split into data /
 teacher / student / decoder / optimizer / EMA.
 
-    python benchmarks/v1_vs_v2.py                 # the full study (see --help for budgets)
-    python benchmarks/v1_vs_v2.py --quick         # every modality, 1 seed, short (< 5 min)
+    python benchmarks/v1_vs_v2.py                 # the full study -> results/v1_vs_v2.*
+    python benchmarks/v1_vs_v2.py --modalities speech --update   # one modality, merged in
+    python benchmarks/v1_vs_v2.py --quick         # every modality, 1 seed, short (< 5 min),
+                                                  #   -> results/v1_vs_v2_quick.*
     python benchmarks/v1_vs_v2.py --smoke --out /tmp/x   # images only, seconds (the CI test)
 """
 
@@ -184,24 +186,46 @@ def main() -> None:
                         help="arms run side by side in this many processes (1 torch thread "
                              "each; the clock is per-process CPU time)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON and PNG go")
-    parser.add_argument("--name", default="v1_vs_v2")
+    parser.add_argument("--name", help="file stem (default v1_vs_v2, v1_vs_v2_quick, "
+                                       "v1_vs_v2_smoke by mode)")
+    parser.add_argument("--update", action="store_true",
+                        help="run only --modalities and merge them into the existing JSON, "
+                             "keeping the other modalities' runs (same mode and seeds)")
     args = parser.parse_args()
-    if args.render:
-        render(args.out, args.name)
-        return
     mode_name = "smoke" if args.smoke else "quick" if args.quick else "full"
+    name = args.name or ("v1_vs_v2" if mode_name == "full" else f"v1_vs_v2_{mode_name}")
+    if args.render:
+        render(args.out, name)
+        return
     mode = dict(MODES[mode_name])
     modalities = args.modalities or (["image"] if args.smoke else ["image", "speech", "text"])
     if args.seeds:
         mode["seeds"] = args.seeds
-    if args.budget:
-        mode["budget"] = dict.fromkeys(modalities, args.budget)
+    mode["budget"] = {m: args.budget or mode["budget"][m] for m in modalities}
+    mode["probe_train"] = {m: mode["probe_train"][m] for m in modalities}
     wall = time.perf_counter()
     load = LoadSampler()
     runs = run_jobs(jobs_for(modalities, mode), args.workers)
-    load_record = load.stop()
-    results, rows, png = analyse(runs, modalities, mode["seeds"], args.out, args.name)
-    path = write_result(args.name, {
+    record = {"command": "python " + " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "load": load.stop(), "total_wall_seconds": time.perf_counter() - wall,
+              "workers": args.workers}
+    runs_by = {m: record for m in modalities}  # which invocation measured each modality
+    stored_path = args.out / f"{name}.json"
+    if args.update and stored_path.exists():
+        stored = json.loads(stored_path.read_text())
+        if stored["mode"] != mode_name or stored["seeds"] != mode["seeds"]:
+            raise SystemExit(f"{stored_path}: mode {stored['mode']} seeds {stored['seeds']}, "
+                             f"not {mode_name} {mode['seeds']}: cannot merge (drop --update)")
+        for modality, res in stored["results"].items():
+            if modality in modalities:
+                continue
+            runs += [run for v in ("v1", "v2") for run in res[v]["runs"]]
+            runs_by[modality] = stored["measured_by"][modality]
+            mode["budget"][modality] = stored["budget_cpu_seconds"][modality]
+            mode["probe_train"][modality] = stored["probe"]["train_examples"][modality]
+    order = [m for m in GOALS if m in runs_by]
+    results, rows, png = analyse(runs, order, mode["seeds"], args.out, name)
+    path = write_result(name, {
         "mode": mode_name, "seeds": mode["seeds"], "budget_cpu_seconds": mode["budget"],
         "probe_fractions": list(mode["fractions"]),
         "probe": {"kind": "logistic regression on every block's mean-pooled output, "
@@ -209,11 +233,11 @@ def main() -> None:
                   "c": PROBE_C, "train_examples": mode["probe_train"]},
         "clock": "training CPU seconds of the arm's own process (1 torch thread; data loading "
                  "in, probing out); wall_seconds beside it",
-        "workers": args.workers, "threads_per_worker": 1,
+        "threads_per_worker": 1,
         "presets": {m: [f"benchmarks/presets/{m}_v{v}_matched.yaml" for v in (1, 2)]
-                    for m in modalities},
+                    for m in order},
         "data2vec_home": os.environ.get("DATA2VEC_HOME", ""),
-        "load": load_record, "total_wall_seconds": time.perf_counter() - wall,
+        "measured_by": runs_by,
         "table": rows, "results": results, "plot": png.name}, args.out)
     print(path)
     print(png)

@@ -107,11 +107,12 @@ def test_v1_vs_v2_smoke_writes_the_documented_json(home: Path, tmp_path: Path) -
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "v1_vs_v2.py"), "--smoke",
                     "--workers", "1", "--out", str(tmp_path)], check=True, env=env,
                    capture_output=True, text=True, timeout=600)
-    record = json.loads((tmp_path / "v1_vs_v2.json").read_text())
-    assert (tmp_path / "v1_vs_v2.png").stat().st_size > 0
+    record = json.loads((tmp_path / "v1_vs_v2_smoke.json").read_text())
+    assert (tmp_path / "v1_vs_v2_smoke.png").stat().st_size > 0
     assert "--smoke" in record["command"] and record["mode"] == "smoke"
     assert record["seeds"] == [1] and record["budget_cpu_seconds"]["image"] > 0
-    assert "loadavg_at_write" in record["machine"] and record["load"]["samples"]
+    assert "loadavg_at_write" in record["machine"]
+    assert record["measured_by"]["image"]["load"]["samples"]
     assert list(record["results"]) == ["image"]
     res = record["results"]["image"]
     for key in ("metric", "goal_fraction", "v1_final", "v2_final", "v2_time_fraction",
@@ -134,11 +135,12 @@ def test_ablations_smoke_writes_the_documented_json(home: Path, tmp_path: Path) 
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ablations.py"), "--smoke",
                     "--groups", "target_norm", "--workers", "1", "--out", str(tmp_path)],
                    check=True, env=env, capture_output=True, text=True, timeout=600)
-    record = json.loads((tmp_path / "ablations.json").read_text())
-    assert (tmp_path / "ablations.png").stat().st_size > 0
+    record = json.loads((tmp_path / "ablations_smoke.json").read_text())
+    assert (tmp_path / "ablations_smoke.png").stat().st_size > 0
     assert "--smoke" in record["command"] and record["mode"] == "smoke"
     assert record["seeds"] == [1] and record["budget_cpu_seconds"] > 0
-    assert "cpu" in record["machine"] and record["load"]["samples"]
+    assert "cpu" in record["machine"]
+    assert record["measured_by"]["target_norm"]["load"]["samples"]
     assert record["paper"]["target_norm"]["setting"] == "layer"
     rows = {r["setting"]: r for r in record["rows"]}
     assert set(rows) == {"none", "layer"}  # the first setting and the paper's
