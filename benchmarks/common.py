@@ -36,10 +36,11 @@ def machine() -> dict[str, Any]:
     return info
 
 
-def write_result(name: str, payload: dict[str, Any]) -> Path:
-    """benchmarks/results/<name>.json with the command line and the machine."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+def write_result(name: str, payload: dict[str, Any], directory: Path = RESULTS) -> Path:
+    """<directory>/<name>.json (default benchmarks/results/) with the command line and the
+    machine."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.json"
     record = {"command": "python " + " ".join(sys.argv), "machine": machine(),
               "date": time.strftime("%Y-%m-%d %H:%M:%S"), **payload}
     path.write_text(json.dumps(record, indent=2) + "\n")

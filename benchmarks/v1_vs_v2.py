@@ -1,27 +1,27 @@
-"""data2vec 1.0 vs 2.0 tiny: probe quality against pre-training wall-clock, per modality.
+"""data2vec 1.0 vs 2.0 at equal compute: probe score against training time and FLOPs.
 
-For each modality on its demo data, the v1 and the v2 tiny presets (same encoder size) are
-pre-trained one after the other in this process, each for the same wall-clock budget (data
-loading included, probing excluded), with the same time-based schedule (5 % linear warm-up, then
-cosine to 0 at the budget). At fixed fractions of the budget the student is frozen and scored by
-the same cheap probe for both versions:
+Per modality, a matched pair of presets (``benchmarks/presets/{modality}_v{1,2}_matched.yaml``:
+the same encoder, the same data, the same batch of examples and EMA schedule; only the method
+differs) is pre-trained for the same budget of CPU seconds, three seeds each, and probed at
+fixed fractions of the budget (see ``budget.py`` for the clock, the schedules and the probe).
 
-- images: logistic regression on mean-pooled patch features (demo digits), accuracy on
-  valid + test;
-- text: logistic regression on mean-pooled token features (demo topic labels), accuracy on
-  valid + test;
-- speech: the demo digit-word task — which of the ten digit words an utterance contains — as
-  one-vs-rest logistic regression on mean-pooled frame features, mean average precision on valid.
+Reported per modality: both curves (mean ± std over seeds) against seconds and against FLOPs,
+both final scores, the time v2 needs to reach v1's final score (on the seed-mean curves, linear
+between probe points) as a fraction of v1's budget, the same in FLOPs, the goal (the paper's
+direction: ≤ 1/2 on images and speech, ≤ 1 on text) and the time per update split into data /
+teacher / student / decoder / optimizer / EMA.
 
-Reported per arm: seconds per step, examples/s, the probe curve; per modality: both final scores
-and the time v2 needs to reach v1's final score (linear interpolation between probe points).
-
-    DATA2VEC_HOME=/tmp/d2vhome python benchmarks/v1_vs_v2.py --budget-seconds 100
+    python benchmarks/v1_vs_v2.py                 # the full study -> results/v1_vs_v2.*
+    python benchmarks/v1_vs_v2.py --modalities speech --update   # one modality, merged in
+    python benchmarks/v1_vs_v2.py --quick         # every modality, 1 seed, short (< 5 min),
+                                                  #   -> results/v1_vs_v2_quick.*
+    python benchmarks/v1_vs_v2.py --smoke --out /tmp/x   # images only, seconds (the CI test)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -30,271 +30,273 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, print_table, write_result  # noqa: E402
-from data2vec.build import build_model  # noqa: E402
-from data2vec.config import Config, load_config  # noqa: E402
-from data2vec.data.loader import (  # noqa: E402
-    build_pretrain_loader,
-    load_or_train_tokenizer,
-    resolve_data_path,
+from budget import (  # noqa: E402
+    METRICS,
+    PHASES,
+    ArmSpec,
+    Job,
+    LoadSampler,
+    ProbeSpec,
+    mean_curve,
+    run_jobs,
+    summary,
+    time_to_reach,
 )
-from data2vec.train.optim import build_optimizer, set_lr  # noqa: E402
-from data2vec.train.pretrain import prepare_data  # noqa: E402
+from common import RESULTS, print_table, write_result  # noqa: E402
 
-FRACTIONS = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 3 / 4, 1.0)
-"""Probe points, as fractions of the budget (dense early, to time v2 reaching v1's score)."""
-GOALS = {"image": 0.25, "speech": 0.25, "text": 0.5}
-"""The issue's goal: v2 reaches v1's final score in at most this fraction of the time."""
-
-
-# ------------------------------------------------------------------------------------ probes
-
-
-def _fit_score(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
-               test_y: np.ndarray, multilabel: bool) -> float:
-    """Logistic-regression probe on standardised features: accuracy, or mAP (multi-label)."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.multiclass import OneVsRestClassifier
-    from sklearn.preprocessing import StandardScaler
-
-    from data2vec.finetune.metrics import mean_average_precision
-
-    scaler = StandardScaler().fit(train_x)
-    train_x, test_x = scaler.transform(train_x), scaler.transform(test_x)
-    if multilabel:
-        clf = OneVsRestClassifier(LogisticRegression(C=0.1, max_iter=2000)).fit(train_x, train_y)
-        return float(mean_average_precision(test_y, clf.predict_proba(test_x)))
-    clf = LogisticRegression(C=0.1, max_iter=2000).fit(train_x, train_y)
-    return float((clf.predict(test_x) == test_y).mean())
+GOALS = {"image": 0.5, "speech": 0.5, "text": 1.0}
+"""v2 reaches v1's final score in at most this fraction of v1's time (issue 13)."""
+MODES: dict[str, dict[str, Any]] = {
+    # CPU seconds of training per arm; probe training examples per modality
+    "full": {"budget": {"image": 120.0, "speech": 120.0, "text": 120.0}, "seeds": [1, 2, 3],
+             "fractions": (1 / 16, 1 / 8, 1 / 4, 1 / 2, 3 / 4, 1.0),
+             "probe_train": {"image": 1000, "speech": 600, "text": 1300}},
+    "quick": {"budget": {"image": 8.0, "speech": 8.0, "text": 8.0}, "seeds": [1],
+              "fractions": (1.0,), "probe_train": {"image": 300, "speech": 150, "text": 300}},
+    "smoke": {"budget": {"image": 2.0, "speech": 2.0, "text": 2.0}, "seeds": [1],
+              "fractions": (1.0,), "probe_train": {"image": 100, "speech": 60, "text": 100}},
+}
+PROBE_C = 0.1
 
 
-@torch.no_grad()
-def _pooled(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor | None]],
-            extra: int) -> np.ndarray:
-    """Mean over real positions (extra tokens such as CLS excluded) of the final output."""
-    rows = []
-    for source, padding_mask in batches:
-        out, pad = model.encode(source, padding_mask)
-        x = out.x[:, extra:]  # (B, T, D)
-        if pad is None:
-            rows.append(x.mean(1))
-        else:
-            keep = (~pad[:, extra:]).unsqueeze(-1).float()
-            rows.append((x * keep).sum(1) / keep.sum(1).clamp_min(1))
-    return torch.cat(rows).numpy()
+def jobs_for(modalities: list[str], mode: dict[str, Any]) -> list[Job]:
+    jobs = []
+    for modality in modalities:
+        for seed in mode["seeds"]:
+            for version in (1, 2):
+                arm = ArmSpec(budget=mode["budget"][modality], fractions=mode["fractions"])
+                probe = ProbeSpec(max_train=mode["probe_train"][modality], c=PROBE_C)
+                jobs.append(Job(f"{modality}/v{version}/{seed}", modality, version, seed, arm,
+                                probe))
+    return jobs
 
 
-class Probe:
-    """Frozen features of fixed labelled examples -> one score (higher is better)."""
-
-    def __init__(self, cfg: Config, max_train: int, seed: int) -> None:
-        from data2vec.data.collate import pad_right
-        from data2vec.data.images import NORM_STATS
-        from data2vec.finetune import data as ft
-
-        path = resolve_data_path(cfg)
-        rng = np.random.default_rng(seed)
-        self.multilabel = cfg.modality == "speech"
-        if cfg.modality == "image":
-            fe = cfg.model.frontend
-            splits = {s: ft.image_folder(path, s, fe.image_size, fe.in_channels,
-                                         NORM_STATS[cfg.data.image_norm])
-                      for s in ("train", "valid", "test")}
-            pad_id = 0
-        elif cfg.modality == "text":
-            tokenizer = load_or_train_tokenizer(cfg, path)
-            splits = {s: ft.text_labelled(path, s, "", tokenizer, cfg.data.tokens_per_sample)
-                      for s in ("train", "valid", "test")}
-            pad_id = tokenizer.pad_id
-        else:
-            splits = {s: ft.speech_tags(path, s, max_sample_size=cfg.data.max_sample_size * 4)
-                      for s in ("train", "valid")}
-            pad_id = 0
-        train = splits["train"]
-        pick = np.sort(rng.permutation(len(train))[:max_train])
-        tests = [(s, list(range(len(d)))) for s, d in splits.items() if s != "train"]
-
-        def inputs(data: Any, indices: list[int]) -> list[tuple[torch.Tensor, Any]]:
-            order = sorted(indices, key=lambda i: int(data.sizes[i]))  # similar lengths together
-            out = []
-            for start in range(0, len(order), 64):
-                chunk = [data.get(i, None) for i in order[start:start + 64]]
-                if cfg.modality == "image":
-                    out.append((torch.stack(chunk), None))
-                else:
-                    out.append(pad_right(chunk, pad_id))
-            labels = [data.targets[i] for i in order]
-            return out, labels
-
-        self.train_inputs, train_y = inputs(train, pick.tolist())
-        self.test_inputs, test_y = [], []
-        for split, indices in tests:
-            batches, labels = inputs(splits[split], indices)
-            self.test_inputs += batches
-            test_y += labels
-        stack = (lambda ys: torch.stack(ys).numpy()) if self.multilabel else np.array
-        self.train_y, self.test_y = stack(train_y), stack(test_y)
-        self.sizes = {"train": len(self.train_y), "test": len(self.test_y)}
-
-    def score(self, model: torch.nn.Module) -> float:
-        """Probe score of the current student (eval mode, no masking)."""
-        was_training = model.training
-        model.eval()
-        extra = model.frontend.num_extra_tokens
-        train_x = _pooled(model, self.train_inputs, extra)
-        test_x = _pooled(model, self.test_inputs, extra)
-        model.train(was_training)
-        return _fit_score(train_x, self.train_y, test_x, self.test_y, self.multilabel)
+def arm_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One version of one modality over its seeds."""
+    curve = mean_curve(runs)
+    return {
+        "preset": runs[0]["preset"], "seeds": [r["seed"] for r in runs],
+        "final": summary([r["final"]["score"] for r in runs]),
+        "final_last_block": summary([r["final"]["score_last"] for r in runs]),
+        "start": summary([r["curve"][0]["score"] for r in runs]),
+        "seconds": summary([r["seconds"] for r in runs]),
+        "wall_seconds": summary([r["wall_seconds"] for r in runs]),
+        "steps": summary([r["steps"] for r in runs]),
+        "s_per_step": summary([r["s_per_step"] for r in runs]),
+        "examples_per_s": summary([r["examples_per_s"] for r in runs]),
+        "flops": summary([r["flops"] for r in runs]),
+        "flops_per_step": summary([r["flops_per_step"] for r in runs]),
+        "step_split": {k: float(np.mean([r["step_split"][k] for r in runs])) for k in PHASES},
+        "collapse_alarms": [r["collapse_alarms"] for r in runs],
+        "params_M": runs[0]["params_M"],
+        "mean_curve": curve, "runs": runs,
+    }
 
 
-# ------------------------------------------------------------------------------- pre-training
-
-
-def lr_factor(progress: float, warmup: float = 0.05) -> float:
-    """Time-based schedule: linear warm-up over `warmup` of the budget, then cosine to 0."""
-    if progress < warmup:
-        return max(progress / warmup, 0.01)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, (progress - warmup) / (1 - warmup))))
-
-
-def run_arm(modality: str, version: int, budget: float, probe: Probe, seed: int) -> dict:
-    """Pre-train one tiny preset for `budget` seconds, probing at FRACTIONS of it."""
-    cfg = load_config(modality, "tiny", version, overrides=[f"run.seed={seed}"])
-    prepare_data(cfg)
-    torch.manual_seed(seed)
-    model = build_model(cfg)
-    optimizer = build_optimizer(model, cfg.optim)
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    clip = cfg.optim.clip_norm if cfg.optim.clip_norm > 0 else math.inf
-    loader = iter(build_pretrain_loader(cfg))
-    curve = [{"seconds": 0.0, "step": 0, "score": probe.score(model), "loss": None}]
-    points = [f * budget for f in FRACTIONS]
-    clock, steps, examples, rows, losses = 0.0, 0, 0, 0, []
-    model.train()
-    while points:
-        start = time.perf_counter()
-        batch = next(loader)
-        set_lr(optimizer, cfg.optim.lr * lr_factor(clock / budget))
-        out = model(batch)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        model.ema_step(steps)
-        clock += time.perf_counter() - start
-        steps += 1
-        examples += len(batch)
-        rows += batch.mask.shape[0]
-        losses.append(float(out.loss.detach()))
-        if clock >= points[0]:
-            points.pop(0)
-            curve.append({"seconds": clock, "step": steps, "score": probe.score(model),
-                          "loss": float(np.mean(losses[-20:]))})
-            print(f"  {modality} v{version}: {clock:6.1f} s, step {steps}, "
-                  f"probe {curve[-1]['score']:.4f}, loss {curve[-1]['loss']:.4f}", flush=True)
-    params_m = sum(p.numel() for p in model.student_parameters()) / 1e6
-    return {"modality": modality, "version": version, "steps": steps, "seconds": clock,
-            "s_per_step": clock / steps, "examples_per_s": examples / clock,
-            "masked_rows_per_s": rows / clock, "batch": cfg.data.batch_size,
-            "clones": cfg.model.v2.clone_batch if version == 2 else 1, "params_M": params_m,
-            "final_score": curve[-1]["score"], "curve": curve}
-
-
-def time_to_reach(curve: list[dict], target: float) -> float | None:
-    """Seconds at which the curve first reaches `target` (linear between probe points)."""
-    for before, after in zip(curve, curve[1:], strict=False):
-        if after["score"] >= target:
-            if before["score"] >= target:
-                return before["seconds"]
-            share = (target - before["score"]) / (after["score"] - before["score"])
-            return before["seconds"] + share * (after["seconds"] - before["seconds"])
-    return None
+def compare(modality: str, v1: dict[str, Any], v2: dict[str, Any]) -> dict[str, Any]:
+    """Time and FLOPs v2 needs to reach v1's final score, as fractions of v1's; the goal."""
+    target = v1["final"]["mean"]
+    reach_s = time_to_reach(v2["mean_curve"], target, "seconds")
+    reach_f = time_to_reach(v2["mean_curve"], target, "flops")
+    per_seed = []
+    for a, b in zip(v1["runs"], v2["runs"], strict=True):
+        t = time_to_reach(b["curve"], a["final"]["score"], "seconds")
+        per_seed.append(None if t is None else t / a["seconds"])
+    fraction = None if reach_s is None else reach_s / v1["seconds"]["mean"]
+    gain = target - v1["start"]["mean"]
+    spread = math.sqrt(v1["final"]["std"] ** 2 + v1["start"]["std"] ** 2)
+    learned = gain > 0 and (len(v1["runs"]) < 2 or gain > 2 * spread / math.sqrt(len(v1["runs"])))
+    if not learned:
+        verdict = "undecided: v1 does not beat its untrained encoder on this probe"
+    elif fraction is None:
+        verdict = "missed: v2 never reaches v1's final score"
+    else:
+        verdict = f"{'met' if fraction <= GOALS[modality] else 'missed'}: {fraction:.2f} of " \
+                  f"v1's time (goal ≤ {GOALS[modality]:g})"
+    return {
+        "metric": METRICS[modality], "goal_fraction": GOALS[modality],
+        "v1_gain_over_untrained": gain, "v1_beats_untrained": learned, "verdict": verdict,
+        "v1_final": target, "v2_final": v2["final"]["mean"],
+        "v2_seconds_to_v1_final": reach_s, "v2_time_fraction": fraction,
+        "v2_flops_to_v1_final": reach_f,
+        "v2_flops_fraction": None if reach_f is None else reach_f / v1["flops"]["mean"],
+        "v2_time_fraction_per_seed": per_seed,
+        "goal_met": (fraction is not None and fraction <= GOALS[modality]) if learned else None,
+        "v1": v1, "v2": v2,
+    }
 
 
 def plot(results: dict[str, dict], path: Path) -> None:
-    """One panel per modality: probe score against pre-training seconds, v1 and v2."""
+    """Per modality: score vs seconds, score vs FLOPs (mean ± std over seeds), step split."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4), squeeze=False)
-    for ax, (modality, res) in zip(axes[0], results.items(), strict=True):
-        for arm in (res["v1"], res["v2"]):
-            xs = [p["seconds"] for p in arm["curve"]]
-            ax.plot(xs, [p["score"] for p in arm["curve"]], marker="o",
-                    label=f"v{arm['version']} ({arm['s_per_step']:.3f} s/step)")
-        ax.axhline(res["v1"]["final_score"], color="gray", linestyle=":", label="v1 final")
-        ax.set_title(f"{modality}: {res['metric']}")
-        ax.set_xlabel("pre-training seconds (probing excluded)")
-        ax.legend(fontsize=8)
+    cols = len(results)
+    fig, axes = plt.subplots(3, cols, figsize=(5 * cols, 11), squeeze=False)
+    colours = {"v1": "tab:blue", "v2": "tab:orange"}
+    for col, (modality, res) in enumerate(results.items()):
+        for row, (axis, scale, label) in enumerate((("seconds", 1.0, "training CPU seconds"),
+                                                    ("flops", 1e12, "training TFLOPs"))):
+            ax = axes[row][col]
+            for version in ("v1", "v2"):
+                curve = res[version]["mean_curve"]
+                xs = np.array([p[axis] for p in curve]) / scale
+                ys = np.array([p["score"] for p in curve])
+                sd = np.array([p["score_std"] for p in curve])
+                ax.plot(xs, ys, marker="o", color=colours[version],
+                        label=f"{version} ({res[version]['s_per_step']['mean']:.3f} s/step)")
+                ax.fill_between(xs, ys - sd, ys + sd, color=colours[version], alpha=0.2)
+            ax.axhline(res["v1_final"], color="gray", linestyle=":", label="v1 final")
+            ax.set_xlabel(label)
+            ax.set_title(f"{modality}: {res['metric']} (all blocks)")
+            ax.legend(fontsize=8)
+        ax = axes[2][col]
+        bottom = np.zeros(2)
+        for phase in PHASES:
+            values = np.array([res[v]["step_split"][phase] for v in ("v1", "v2")])
+            ax.bar(["v1", "v2"], values, bottom=bottom, label=phase)
+            bottom += values
+        ax.set_ylabel("CPU seconds per update")
+        ax.set_title(f"{modality}: time per update")
+        ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--budget-seconds", type=float, default=100.0,
-                        help="pre-training wall-clock per arm (v1 and v2 each)")
-    parser.add_argument("--modalities", nargs="+", default=["image", "speech", "text"])
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (1: steadier on a shared 2-core machine)")
-    parser.add_argument("--probe-train", type=int, default=400,
-                        help="labelled training examples of the probe")
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--name", default="v1_vs_v2")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--quick", action="store_true",
+                       help="every modality, 1 seed, 8 s per arm (< 5 min)")
+    group.add_argument("--smoke", action="store_true",
+                       help="images only, 1 seed, 2 s per arm, small probe (the CI test)")
+    group.add_argument("--render", action="store_true",
+                       help="rebuild the summaries, table and plot of an existing JSON from its "
+                            "stored runs (no training)")
+    parser.add_argument("--modalities", nargs="+", choices=sorted(GOALS))
+    parser.add_argument("--seeds", nargs="+", type=int)
+    parser.add_argument("--budget", type=float, help="CPU seconds per arm, every modality")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="arms run side by side in this many processes (1 torch thread "
+                             "each; the clock is per-process CPU time)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON and PNG go")
+    parser.add_argument("--name", help="file stem (default v1_vs_v2, v1_vs_v2_quick, "
+                                       "v1_vs_v2_smoke by mode)")
+    parser.add_argument("--update", action="store_true",
+                        help="run only --modalities and merge them into the existing JSON, "
+                             "keeping the other modalities' runs (same mode and seeds)")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    load_start = os.getloadavg()
+    mode_name = "smoke" if args.smoke else "quick" if args.quick else "full"
+    name = args.name or ("v1_vs_v2" if mode_name == "full" else f"v1_vs_v2_{mode_name}")
+    if args.render:
+        render(args.out, name)
+        return
+    mode = dict(MODES[mode_name])
+    modalities = args.modalities or (["image"] if args.smoke else ["image", "speech", "text"])
+    if args.seeds:
+        mode["seeds"] = args.seeds
+    mode["budget"] = {m: args.budget or mode["budget"][m] for m in modalities}
+    mode["probe_train"] = {m: mode["probe_train"][m] for m in modalities}
     wall = time.perf_counter()
-    results: dict[str, dict] = {}
-    metric = {"image": "probe accuracy", "text": "probe accuracy",
-              "speech": "digit-word probe mAP"}
-    for modality in args.modalities:
-        cfg = load_config(modality, "tiny", 1)
-        prepare_data(cfg)
-        probe = Probe(cfg, args.probe_train, args.seed)
-        v1 = run_arm(modality, 1, args.budget_seconds, probe, args.seed)
-        v2 = run_arm(modality, 2, args.budget_seconds, probe, args.seed)
-        reach = time_to_reach(v2["curve"], v1["final_score"])
-        results[modality] = {
-            "metric": metric[modality], "probe_examples": probe.sizes, "v1": v1, "v2": v2,
-            "v2_seconds_to_v1_final": reach,
-            "v2_time_fraction": reach / v1["seconds"] if reach is not None else None,
-            "goal_fraction": GOALS[modality],
-        }
-    rows = []
-    for modality, res in results.items():
-        for arm in (res["v1"], res["v2"]):
-            rows.append({"modality": modality, "version": arm["version"],
-                         "s_per_step": arm["s_per_step"], "examples/s": arm["examples_per_s"],
-                         "steps": arm["steps"], "final": arm["final_score"],
-                         "v2_s_to_v1_final": res["v2_seconds_to_v1_final"]
-                         if arm["version"] == 2 else None,
-                         "fraction(goal)": (f"{res['v2_time_fraction']:.2f} "
-                                            f"({res['goal_fraction']})"
-                                            if arm["version"] == 2 and res["v2_time_fraction"]
-                                            is not None else
-                                            ("not reached" if arm["version"] == 2 else None))})
-    print_table(rows, ["modality", "version", "s_per_step", "examples/s", "steps", "final",
-                       "v2_s_to_v1_final", "fraction(goal)"])
-    png = RESULTS / f"{args.name}.png"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    plot(results, png)
-    path = write_result(args.name, {
-        "budget_seconds_per_arm": args.budget_seconds, "threads": args.threads,
-        "probe_points": list(FRACTIONS), "data2vec_home": os.environ.get("DATA2VEC_HOME", ""),
-        "shared_machine": {"note": "2 cores shared with other jobs while this ran",
-                           "loadavg_start": load_start, "loadavg_end": os.getloadavg()},
-        "total_wall_seconds": time.perf_counter() - wall, "table": rows, "results": results,
-        "plot": png.name})
+    load = LoadSampler()
+    runs = run_jobs(jobs_for(modalities, mode), args.workers)
+    record = {"command": "python " + " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "load": load.stop(), "total_wall_seconds": time.perf_counter() - wall,
+              "workers": args.workers}
+    runs_by = {m: record for m in modalities}  # which invocation measured each modality
+    stored_path = args.out / f"{name}.json"
+    if args.update and stored_path.exists():
+        stored = json.loads(stored_path.read_text())
+        if stored["mode"] != mode_name or stored["seeds"] != mode["seeds"]:
+            raise SystemExit(f"{stored_path}: mode {stored['mode']} seeds {stored['seeds']}, "
+                             f"not {mode_name} {mode['seeds']}: cannot merge (drop --update)")
+        for modality, res in stored["results"].items():
+            if modality in modalities:
+                continue
+            runs += [run for v in ("v1", "v2") for run in res[v]["runs"]]
+            runs_by[modality] = stored["measured_by"][modality]
+            mode["budget"][modality] = stored["budget_cpu_seconds"][modality]
+            mode["probe_train"][modality] = stored["probe"]["train_examples"][modality]
+    order = [m for m in GOALS if m in runs_by]
+    results, rows, png = analyse(runs, order, mode["seeds"], args.out, name)
+    path = write_result(name, {
+        "mode": mode_name, "seeds": mode["seeds"], "budget_cpu_seconds": mode["budget"],
+        "probe_fractions": list(mode["fractions"]),
+        "probe": {"kind": "logistic regression on every block's mean-pooled output, "
+                          "concatenated (score); the last block alone (score_last)",
+                  "c": PROBE_C, "train_examples": mode["probe_train"]},
+        "clock": "training CPU seconds of the arm's own process (1 torch thread; data loading "
+                 "in, probing out); wall_seconds beside it",
+        "threads_per_worker": 1,
+        "presets": {m: [f"benchmarks/presets/{m}_v{v}_matched.yaml" for v in (1, 2)]
+                    for m in order},
+        "data2vec_home": os.environ.get("DATA2VEC_HOME", ""),
+        "measured_by": runs_by,
+        "table": rows, "results": results, "plot": png.name}, args.out)
     print(path)
     print(png)
+
+
+def analyse(runs: list[dict[str, Any]], modalities: list[str], seeds: list[int], out: Path,
+            name: str) -> tuple[dict[str, dict], list[dict[str, Any]], Path]:
+    """Per-modality summaries and comparison, the printed table, the plot."""
+    by_key = {r["key"]: r for r in runs}
+    results = {}
+    for modality in modalities:
+        arms = {f"v{v}": arm_summary([by_key[f"{modality}/v{v}/{s}"] for s in seeds])
+                for v in (1, 2)}
+        results[modality] = compare(modality, arms["v1"], arms["v2"])
+    rows = table(results)
+    print_table(rows, list(rows[0]))
+    out.mkdir(parents=True, exist_ok=True)
+    png = out / f"{name}.png"
+    plot(results, png)
+    return results, rows, png
+
+
+def render(out: Path, name: str) -> None:
+    """Re-analyse the runs stored in <out>/<name>.json (after a change to the analysis)."""
+    path = out / f"{name}.json"
+    record = json.loads(path.read_text())
+    runs = [run for res in record["results"].values() for v in ("v1", "v2")
+            for run in res[v]["runs"]]
+    results, rows, _ = analyse(runs, list(record["results"]), record["seeds"], out, name)
+    record.update({"results": results, "table": rows,
+                   "rendered_by": "python " + " ".join(sys.argv)})
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    print(path)
+
+
+def table(results: dict[str, dict]) -> list[dict[str, Any]]:
+    rows = []
+    for modality, res in results.items():
+        for version in ("v1", "v2"):
+            arm = res[version]
+            split = arm["step_split"]
+            row = {"modality": modality, "version": version,
+                   "s/step": arm["s_per_step"]["mean"], "steps": arm["steps"]["mean"],
+                   "GFLOP/step": arm["flops_per_step"]["mean"] / 1e9,
+                   "start": arm["start"]["mean"],
+                   "final": f"{arm['final']['mean']:.3f}±{arm['final']['std']:.3f}",
+                   **{k: split[k] for k in ("teacher", "student", "decoder", "optimizer")}}
+            if version == "v2":
+                frac = res["v2_time_fraction"]
+                row["time_to_v1_final"] = ("not reached" if frac is None else
+                                           f"{frac:.2f} (goal ≤ {res['goal_fraction']:g})")
+                if not res["v1_beats_untrained"]:
+                    row["time_to_v1_final"] += ", undecided"
+                flops = res["v2_flops_fraction"]
+                row["flops_to_v1_final"] = "not reached" if flops is None else f"{flops:.2f}"
+            else:
+                row["time_to_v1_final"] = row["flops_to_v1_final"] = ""
+            rows.append(row)
+    return rows
 
 
 if __name__ == "__main__":
