@@ -1,12 +1,26 @@
-"""Shared test helpers: a minimal front-end so objective tests need no modality."""
+"""Shared test helpers: a minimal front-end so objective tests need no modality, and a
+``DATA2VEC_HOME`` with the three demo corpora."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
 from torch import Tensor, nn
 
+from data2vec.data.demo import prepare_demo
 from data2vec.modalities.base import FrontEnd
+
+
+def make_demo_home(home: Path, speech_size: int) -> Path:
+    """`home` as a ``DATA2VEC_HOME`` with the image and text demos in their default place, and
+    a speech demo of `speech_size` clips in ``home/speech`` (not the default size, so tests pass
+    it as a path)."""
+    prepare_demo("image", home / "demo" / "image")
+    prepare_demo("text", home / "demo" / "text")
+    prepare_demo("speech", home / "speech", size=speech_size)
+    return home
 
 
 class LinearFrontEnd(FrontEnd):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from data2vec.data.demo import prepare_demo
+from conftest import make_demo_home
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -24,11 +24,7 @@ from budget import PHASES, ArmSpec, lr_factor, relative_spread, time_to_reach  #
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    home = tmp_path_factory.mktemp("home")
-    prepare_demo("image", home / "demo" / "image")
-    prepare_demo("text", home / "demo" / "text")
-    prepare_demo("speech", home / "speech", size=12)  # not the default size: passed as a path
-    return home
+    return make_demo_home(tmp_path_factory.mktemp("home"), speech_size=12)
 
 
 @pytest.mark.parametrize("modality", ["speech", "image", "text"])

@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from conftest import make_demo_home
 from data2vec.build import build_model
 from data2vec.config import load_config
-from data2vec.data.demo import prepare_demo
 from data2vec.data.loader import build_pretrain_loader
 from data2vec.train.pretrain import prepare_data
 
@@ -27,11 +27,7 @@ COUNTABLE = ["model.encoder.attention_impl=eager", "model.frontend.pos_conv_grou
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    home = tmp_path_factory.mktemp("home")
-    prepare_demo("image", home / "demo" / "image")
-    prepare_demo("text", home / "demo" / "text")
-    prepare_demo("speech", home / "speech", size=12)  # not the default size: passed as a path
-    return home
+    return make_demo_home(tmp_path_factory.mktemp("home"), speech_size=12)
 
 
 @pytest.mark.parametrize("version", [1, 2])

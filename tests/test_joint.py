@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import make_demo_home
 from data2vec.build import build_model
 from data2vec.cli import main
 from data2vec.config import config_from_dict, load_config, to_dict
 from data2vec.configlib import load_yaml
-from data2vec.data.demo import prepare_demo
 from data2vec.data.joint import modality_schedule
 from data2vec.data.loader import build_pretrain_loader
 from data2vec.errors import ConfigError
@@ -38,11 +38,7 @@ MODALITIES = ("speech", "image", "text")
 
 @pytest.fixture(scope="module")
 def demo_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    home = tmp_path_factory.mktemp("home")
-    prepare_demo("image", home / "demo" / "image")
-    prepare_demo("text", home / "demo" / "text")
-    prepare_demo("speech", home / "speech", size=40)  # not the default size: passed as a path
-    return home
+    return make_demo_home(tmp_path_factory.mktemp("home"), speech_size=40)
 
 
 @pytest.fixture(autouse=True)
