@@ -38,6 +38,7 @@ from common import RESULTS, print_table, write_result  # noqa: E402
 from data2vec.config import load_config  # noqa: E402
 from data2vec.finetune.cli import TASK_DEFAULTS  # noqa: E402
 from data2vec.finetune.loop import FinetuneConfig, finetune, finetune_config  # noqa: E402
+from data2vec.finetune.runs import error_of  # noqa: E402
 from data2vec.train.pretrain import pretrain  # noqa: E402
 
 TASK = {"speech": "asr", "image": "image-cls", "text": "text-cls"}
@@ -47,12 +48,6 @@ LOW_LABEL = {"speech": ["labeled_minutes=10"], "image": ["label_fraction=0.1"],
 METRIC = {"speech": "wer", "image": "accuracy", "text": "accuracy"}
 GOAL = 0.20
 """The issue's goal: pre-training cuts the error by at least 20 % (relative)."""
-
-
-def error_of(modality: str, result: dict[str, float]) -> float:
-    """The error the study compares: WER for speech, 1 − accuracy otherwise."""
-    value = result[METRIC[modality]]
-    return value if METRIC[modality] == "wer" else 1.0 - value
 
 
 def pretrain_default(modality: str, run_dir: Path, threads: int, scale: float) -> float:
@@ -94,7 +89,7 @@ def run_modality(modality: str, seeds: list[int], work: Path, threads: int,
             cpu = time.process_time()
             result = finetune(ft, work / f"ft-{modality}-{init}-{seed}", progress=False)
             result["cpu_seconds"] = time.process_time() - cpu
-            errors[init].append(error_of(modality, result))
+            errors[init].append(error_of(METRIC[modality], result[METRIC[modality]]))
             runs.append({"init": init, "seed": seed, **result})
             print(f"{modality:6s} {init:10s} seed {seed}: error {errors[init][-1]:.4f} "
                   f"({result['train_seconds']:.0f} s)", flush=True)
