@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import types
+import warnings
 from typing import Any
 
 import torch
@@ -66,6 +67,13 @@ def shard_fsdp(model: nn.Module) -> nn.Module:
     runs under ``torch.no_grad`` (all-gathered weights must be ordinary tensors)."""
     from torch.distributed.fsdp import fully_shard
 
+    # A block returns its feed-forward output as a view (nn.Linear on (B, T, D) reshapes its 2-D
+    # result), and FSDP2 warns once per call that an in-place op on such a view would skip its
+    # all-gather. Nothing edits a block's outputs in place (build_targets clones before adding;
+    # tests/test_speed_options.py holds the sharded run's losses and weights equal to one
+    # process's), so the warning only floods the log of every rank.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(.*Block\) returned a "
+                            r"view tensor", category=UserWarning)
     for encoder in [m for m in model.modules() if isinstance(m, TransformerEncoder)]:
         for block in encoder.blocks:
             fully_shard(block)
