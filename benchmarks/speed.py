@@ -47,6 +47,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import gc
 import itertools
 import json
 import math
@@ -879,6 +880,16 @@ def ablation_rows(args: argparse.Namespace, peaks: dict[str, float],
     return rows
 
 
+def release_heap() -> None:
+    """Give the freed heap back to the OS before starting worker processes. With the tuned
+    malloc (no mmap, trim only above 1 GiB free) this process keeps every page it has used —
+    17 GB after the Base rows — and the first complete full run was OOM-killed (23 GB machine)
+    when the malloc A/B workers built their Base text models beside it."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def malloc_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     """glibc defaults vs ``tune_malloc`` on the Base text v1 fp32 step (the issue's example):
     two worker processes (the setting is per process), their repetitions interleaved."""
@@ -1131,11 +1142,13 @@ def main() -> None:
         if not (args.quick or args.no_ablations):
             rows += ablation_rows(args, peaks, Path(tmp))
             save_partial()
+            release_heap()
             rows += malloc_rows(args)
         if not args.quick:
             rows += profile_rows(args, Path(tmp))
             save_partial()
     if args.birder_python:
+        release_heap()
         rows += birder_rows(args)
     else:
         rows.append({"kind": "birder", "note": "skipped: no --birder-python (birder needs its "

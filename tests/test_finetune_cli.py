@@ -153,3 +153,32 @@ def test_compare_scratch_runs_the_same_architecture_from_random_weights(
     code = main(["finetune", "--task", "image-cls", "--init", "scratch", "--compare-scratch",
                  "--out", str(tmp_path / "x")])
     assert code == 2 and "--compare-scratch" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (["--lr", "-1"], "fine-tuning option 'lr': -1.0 is out of range, expected > 0"),
+    (["--label-fraction", "0"], "fine-tuning option 'label_fraction': 0.0 is out of range"),
+    (["mask_prob=nan"], "fine-tuning option 'mask_prob': nan is not a finite number"),
+    (["betas=[0.9,1.5]"], "fine-tuning option 'betas[1]': 1.5 is out of range"),
+    (["tri_stage=[0.5,0.5,0.5]"], "fine-tuning option 'tri_stage': [0.5, 0.5, 0.5] sums to"),
+    (["crop_scale=[0.9,0.5]"], "fine-tuning option 'crop_scale': [0.9, 0.5], expected low"),
+])
+def test_out_of_range_options_are_named_before_any_work(options: list[str], message: str,
+                                                         tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    run = tmp_path / "run"
+    code = main(["finetune", "--task", "image-cls", "--init", "scratch", "--out", str(run),
+                 *options])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not run.exists()
+
+
+def test_a_config_built_in_python_is_checked_too(tmp_path: Path) -> None:
+    from data2vec.errors import ConfigError
+    from data2vec.finetune.loop import finetune
+
+    with pytest.raises(ConfigError, match="'batch_size': 0 is out of range"):
+        finetune(FinetuneConfig(task="image-cls", batch_size=0), tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -250,14 +250,32 @@ def test_a_signal_finishes_the_update_and_writes_a_checkpoint(
 
     monkeypatch.setattr(Trainer, "train_step", train_step)
     run = tmp_path / "run"
-    before = signal.getsignal(signal.SIGINT)  # SIG_IGN in a background job, else Python's
-    assert main([*IMAGE, "--out", str(run), "--max-steps", "50"]) == code
+    # as in a terminal, also when the tests run as a background job (SIGINT ignored there)
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        assert main([*IMAGE, "--out", str(run), "--max-steps", "50"]) == code
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    finally:
+        signal.signal(signal.SIGINT, outer)
     err = capsys.readouterr().err
     name = signal.Signals(signum).name
     assert f"stopped by {name} after step 3" in err and "--resume" in err
     assert f"checkpoint {run / 'checkpoints' / 'step-0000003'}" in err
     assert_finite_and_loadable(run / "checkpoints" / "step-0000003")
-    assert signal.getsignal(signal.SIGINT) is before  # handlers restored
+
+
+def test_an_ignored_sigint_stays_ignored_and_sigterm_is_still_caught(tmp_path: Path) -> None:
+    trainer = make_trainer(tmp_path)
+    outer = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with trainer._signals_handled():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) == trainer._on_signal
+            os.kill(os.getpid(), signal.SIGINT)  # ignored: no stop requested
+            assert trainer.signal_received is None
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, outer)
 
 
 def _spawn(args: list[str], home: Path) -> subprocess.Popen:

@@ -284,78 +284,79 @@ def validate(cfg: Config | JointConfig) -> None:
 Check = Callable[[Any], bool]
 
 
-def _rule(check: Check, expected: str) -> tuple[Check, str]:
+def rule(check: Check, expected: str) -> tuple[Check, str]:
+    """A range rule: the check and what the error says was expected."""
     return check, expected
 
 
-def _at_least(low: float) -> tuple[Check, str]:
-    return _rule(lambda v: v >= low, f">= {low}")
+def at_least(low: float) -> tuple[Check, str]:
+    return rule(lambda v: v >= low, f">= {low}")
 
 
-def _positive() -> tuple[Check, str]:
-    return _rule(lambda v: v > 0, "> 0")
+def positive() -> tuple[Check, str]:
+    return rule(lambda v: v > 0, "> 0")
 
 
-def _fraction(upper_open: bool = False, lower_open: bool = False) -> tuple[Check, str]:
+def fraction(upper_open: bool = False, lower_open: bool = False) -> tuple[Check, str]:
     lo, hi = "(" if lower_open else "[", ")" if upper_open else "]"
-    return _rule(lambda v: (v > 0 if lower_open else v >= 0) and (v < 1 if upper_open else v <= 1),
-                 f"in {lo}0, 1{hi}")
+    return rule(lambda v: (v > 0 if lower_open else v >= 0) and (v < 1 if upper_open else v <= 1),
+                f"in {lo}0, 1{hi}")
 
 
-def _optional(rule: tuple[Check, str]) -> tuple[Check, str]:
-    check, expected = rule
-    return _rule(lambda v: v is None or check(v), f"null or {expected}")
+def _optional(inner: tuple[Check, str]) -> tuple[Check, str]:
+    check, expected = inner
+    return rule(lambda v: v is None or check(v), f"null or {expected}")
 
 
-_DROPOUT = _fraction(upper_open=True)
+_DROPOUT = fraction(upper_open=True)
 RULES: dict[str, tuple[Check, str]] = {
     # model.encoder
-    "model.encoder.depth": _at_least(1), "model.encoder.dim": _at_least(1),
-    "model.encoder.num_heads": _at_least(1), "model.encoder.ffn_dim": _at_least(1),
+    "model.encoder.depth": at_least(1), "model.encoder.dim": at_least(1),
+    "model.encoder.num_heads": at_least(1), "model.encoder.ffn_dim": at_least(1),
     "model.encoder.dropout": _DROPOUT, "model.encoder.attention_dropout": _DROPOUT,
     "model.encoder.activation_dropout": _DROPOUT, "model.encoder.layerdrop": _DROPOUT,
-    "model.encoder.drop_path": _DROPOUT, "model.encoder.layer_scale_init": _at_least(0),
-    "model.encoder.norm_eps": _positive(),
+    "model.encoder.drop_path": _DROPOUT, "model.encoder.layer_scale_init": at_least(0),
+    "model.encoder.norm_eps": positive(),
     # model.objective
-    "model.objective.loss_beta": _at_least(0),
-    "model.objective.loss_scale": _optional(_positive()),
-    "model.objective.head_layers": _rule(lambda v: v in (1, 2), "1 or 2"),
-    "model.objective.ema_start": _fraction(), "model.objective.ema_end": _fraction(),
-    "model.objective.ema_anneal_steps": _at_least(0), "model.objective.init_std": _positive(),
+    "model.objective.loss_beta": at_least(0),
+    "model.objective.loss_scale": _optional(positive()),
+    "model.objective.head_layers": rule(lambda v: v in (1, 2), "1 or 2"),
+    "model.objective.ema_start": fraction(), "model.objective.ema_end": fraction(),
+    "model.objective.ema_anneal_steps": at_least(0), "model.objective.init_std": positive(),
     # model.frontend (whichever keys the modality has)
-    "model.frontend.layer_norm_eps": _positive(), "model.frontend.image_size": _at_least(1),
-    "model.frontend.patch_size": _at_least(1),
-    "model.frontend.in_channels": _rule(lambda v: v in (1, 3), "1 (grey) or 3 (RGB)"),
-    "model.frontend.vocab_size": _at_least(1),
+    "model.frontend.layer_norm_eps": positive(), "model.frontend.image_size": at_least(1),
+    "model.frontend.patch_size": at_least(1),
+    "model.frontend.in_channels": rule(lambda v: v in (1, 3), "1 (grey) or 3 (RGB)"),
+    "model.frontend.vocab_size": at_least(1),
     # model.masking (whichever keys the modality has)
-    "model.masking.mask_ratio": _fraction(), "model.masking.min_block": _at_least(1),
-    "model.masking.max_block": _optional(_at_least(1)), "model.masking.min_aspect": _positive(),
-    "model.masking.max_aspect": _optional(_positive()),
+    "model.masking.mask_ratio": fraction(), "model.masking.min_block": at_least(1),
+    "model.masking.max_block": _optional(at_least(1)), "model.masking.min_aspect": positive(),
+    "model.masking.max_aspect": _optional(positive()),
     # model.v2
-    "model.v2.clone_batch": _at_least(1), "model.v2.mask_noise_std": _at_least(0),
-    "model.v2.decoder_dim": _at_least(1), "model.v2.decoder_layers": _at_least(1),
-    "model.v2.decoder_kernel": _at_least(1), "model.v2.decoder_groups": _at_least(1),
-    "model.v2.decoder_projection_layers": _at_least(1),
-    "model.v2.decoder_input_dropout": _DROPOUT, "model.v2.prenet_depth": _at_least(0),
-    "model.v2.cls_loss": _at_least(0), "model.v2.mask_prob": _fraction(True, True),
-    "model.v2.mask_length": _at_least(1), "model.v2.mask_prob_adjust": _at_least(0),
+    "model.v2.clone_batch": at_least(1), "model.v2.mask_noise_std": at_least(0),
+    "model.v2.decoder_dim": at_least(1), "model.v2.decoder_layers": at_least(1),
+    "model.v2.decoder_kernel": at_least(1), "model.v2.decoder_groups": at_least(1),
+    "model.v2.decoder_projection_layers": at_least(1),
+    "model.v2.decoder_input_dropout": _DROPOUT, "model.v2.prenet_depth": at_least(0),
+    "model.v2.cls_loss": at_least(0), "model.v2.mask_prob": fraction(True, True),
+    "model.v2.mask_length": at_least(1), "model.v2.mask_prob_adjust": at_least(0),
     # data
-    "data.batch_size": _at_least(0), "data.max_tokens": _at_least(0),
-    "data.max_sample_size": _at_least(0), "data.min_sample_size": _at_least(0),
-    "data.sample_rate": _at_least(1), "data.tokens_per_sample": _at_least(3),
-    "data.vocab_size": _at_least(262), "data.num_workers": _at_least(0),
+    "data.batch_size": at_least(0), "data.max_tokens": at_least(0),
+    "data.max_sample_size": at_least(0), "data.min_sample_size": at_least(0),
+    "data.sample_rate": at_least(1), "data.tokens_per_sample": at_least(3),
+    "data.vocab_size": at_least(262), "data.num_workers": at_least(0),
     # optim
-    "optim.lr": _positive(), "optim.eps": _positive(), "optim.weight_decay": _at_least(0),
-    "optim.warmup_steps": _at_least(0), "optim.warmup_fraction": _fraction(),
-    "optim.init_lr_scale": _fraction(lower_open=True),
-    "optim.final_lr_scale": _fraction(lower_open=True), "optim.min_lr": _at_least(0),
-    "optim.clip_norm": _at_least(0), "optim.grad_accum": _at_least(1),
+    "optim.lr": positive(), "optim.eps": positive(), "optim.weight_decay": at_least(0),
+    "optim.warmup_steps": at_least(0), "optim.warmup_fraction": fraction(),
+    "optim.init_lr_scale": fraction(lower_open=True),
+    "optim.final_lr_scale": fraction(lower_open=True), "optim.min_lr": at_least(0),
+    "optim.clip_norm": at_least(0), "optim.grad_accum": at_least(1),
     # run
-    "run.max_steps": _at_least(1), "run.stop_at": _at_least(0),
-    "run.log_every": _at_least(1), "run.checkpoint_every": _at_least(1),
-    "run.keep_last": _at_least(0), "run.collapse_min_target_std": _at_least(0),
-    "run.collapse_min_pred_std": _at_least(0), "run.collapse_after_steps": _at_least(0),
-    "run.threads": _at_least(0), "run.max_consecutive_skips": _at_least(1),
+    "run.max_steps": at_least(1), "run.stop_at": at_least(0),
+    "run.log_every": at_least(1), "run.checkpoint_every": at_least(1),
+    "run.keep_last": at_least(0), "run.collapse_min_target_std": at_least(0),
+    "run.collapse_min_pred_std": at_least(0), "run.collapse_after_steps": at_least(0),
+    "run.threads": at_least(0), "run.max_consecutive_skips": at_least(1),
 }
 """Range of every numeric field, by dotted key: (check, what was expected)."""
 
@@ -373,15 +374,19 @@ def _leaves(obj: Any, prefix: str) -> Iterator[tuple[str, Any]]:
             yield key, value
 
 
-def _check_ranges(cfg: Config) -> None:
-    """No NaN or infinity anywhere; every key in :data:`RULES` within its range."""
+def check_ranges(cfg: Any, rules: dict[str, tuple[Check, str]], what: str = "config key") -> None:
+    """No NaN or infinity anywhere in the dataclass `cfg`; every key in `rules` (dotted, tuple
+    items as ``key[i]``) within its range. `what` names the key in the error."""
     for key, value in _leaves(cfg, ""):
         if isinstance(value, float) and not math.isfinite(value):
-            raise ConfigError(f"config key '{key}': {value} is not a finite number")
-        rule = RULES.get(key)
+            raise ConfigError(f"{what} '{key}': {value} is not a finite number")
+        rule = rules.get(key)
         if rule is not None and not rule[0](value):
-            raise ConfigError(f"config key '{key}': {value!r} is out of range, expected "
-                              f"{rule[1]}")
+            raise ConfigError(f"{what} '{key}': {value!r} is out of range, expected {rule[1]}")
+
+
+def _check_ranges(cfg: Config) -> None:
+    check_ranges(cfg, RULES)
 
 
 def _validate_pairs(cfg: Config) -> None:

@@ -31,7 +31,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from data2vec.batch import Batch
-from data2vec.config import Config, OptimConfig, load_config, to_dict
+from data2vec.config import (
+    Config,
+    OptimConfig,
+    at_least,
+    check_ranges,
+    fraction,
+    load_config,
+    positive,
+    rule,
+    to_dict,
+)
 from data2vec.configlib import from_dict
 from data2vec.data.collate import derive_seed
 from data2vec.errors import CheckpointError, ConfigError
@@ -138,6 +148,36 @@ class FinetuneConfig:
     """auto | cpu | cuda | mps (auto = CUDA when available, else CPU)."""
 
 
+_RATE = fraction(upper_open=True)
+FINETUNE_RULES = {
+    "labeled_minutes": at_least(0), "label_fraction": fraction(lower_open=True),
+    "max_labeled": at_least(0), "max_sample_size": at_least(0), "max_tokens": at_least(3),
+    "batch_size": at_least(1), "max_steps": at_least(1), "lr": positive(),
+    "weight_decay": at_least(0), "betas[0]": _RATE, "betas[1]": _RATE,
+    "warmup_fraction": fraction(), "tri_stage[0]": fraction(), "tri_stage[1]": fraction(),
+    "tri_stage[2]": fraction(), "final_lr_scale": fraction(lower_open=True),
+    "clip_norm": at_least(0), "layer_decay": fraction(lower_open=True),
+    "drop_path": rule(lambda v: v == -1 or 0 <= v < 1, "-1 (keep) or in [0, 1)"),
+    "dropout": _RATE, "label_smoothing": _RATE, "mixup": at_least(0), "cutmix": at_least(0),
+    "crop_scale[0]": fraction(lower_open=True), "crop_scale[1]": fraction(lower_open=True),
+    "freeze_encoder_steps": at_least(0), "mask_prob": fraction(), "mask_length": at_least(1),
+    "channel_mask_prob": fraction(), "channel_mask_length": at_least(1), "beam": at_least(0),
+    "eval_every": at_least(0), "threads": at_least(0),
+}
+"""Range of every numeric FinetuneConfig field (the option names of ``data2vec finetune``)."""
+
+
+def validate_finetune(ft: FinetuneConfig) -> None:
+    """Every field finite and in range, then the ranges that involve two fields."""
+    check_ranges(ft, FINETUNE_RULES, what="fine-tuning option")
+    if sum(ft.tri_stage) > 1 + 1e-6:
+        raise ConfigError(f"fine-tuning option 'tri_stage': {list(ft.tri_stage)} sums to more "
+                          "than 1 (fractions of max_steps)")
+    if ft.crop_scale[0] > ft.crop_scale[1]:
+        raise ConfigError(f"fine-tuning option 'crop_scale': {list(ft.crop_scale)}, expected "
+                          "low <= high")
+
+
 # ---------------------------------------------------------------------------------- setup
 
 
@@ -149,8 +189,10 @@ def finetune_config(task: str, overrides: list[str] | None = None, **kwargs: Any
         raise ConfigError(f"task {task!r} is not one of {', '.join(TASKS)}")
     values = {"task": task, **{k: v for k, v in kwargs.items() if v is not None}}
     values.update(parse_overrides(overrides or []))
-    return from_dict(FinetuneConfig, {k: list(v) if isinstance(v, tuple) else v
-                                      for k, v in values.items()})
+    ft = from_dict(FinetuneConfig, {k: list(v) if isinstance(v, tuple) else v
+                                    for k, v in values.items()})
+    validate_finetune(ft)
+    return ft
 
 
 def load_backbone(ft: FinetuneConfig, model_overrides: list[str] | None = None):
@@ -410,6 +452,7 @@ def finetune(ft: FinetuneConfig, run_dir: Path, model_overrides: list[str] | Non
     from data2vec.runtime import set_threads
     from data2vec.train.distributed import pick_device
 
+    validate_finetune(ft)  # also when built in Python, not through finetune_config
     device = pick_device(ft.device)
     set_threads(ft.threads)
     torch.manual_seed(ft.seed)

@@ -346,11 +346,14 @@ class Trainer:
 
     @contextlib.contextmanager
     def _signals_handled(self):
-        """Catch SIGTERM / SIGINT for the loop's duration (main thread only)."""
+        """Catch SIGTERM / SIGINT for the loop's duration (main thread only). A signal the
+        process was told to ignore stays ignored (a background job of a non-interactive shell
+        starts with SIGINT ignored, and Python itself then installs no KeyboardInterrupt)."""
         if threading.current_thread() is not threading.main_thread():
             yield
             return
-        previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
+        previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS
+                    if signal.getsignal(s) is not signal.SIG_IGN}
         try:
             yield
         finally:
