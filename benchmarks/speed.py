@@ -1163,6 +1163,9 @@ def main() -> None:
                 row["hf_mfu"] = row["flops"] / row["hf_s"] / 1e9 / best[row["precision"]]
         elif row["kind"] == "step":
             row["mfu"] = row["flops"] / row["median_s"] / 1e9 / best[row["precision"]]
+        elif row["kind"] == "birder" and "flops" in row:  # not the worker's own, colder probe
+            row["mfu_ours"] = row["flops"] / row["ours_s"] / 1e9 / best[row["precision"]]
+            row["mfu_birder"] = row["flops"] / row["birder_s"] / 1e9 / best[row["precision"]]
     payload = {
         "threads": args.threads, "quick": args.quick, "wall_s": time.perf_counter() - began,
         "peaks_gflops": peaks, "peaks_gflops_at_end": peaks_end,

@@ -311,6 +311,15 @@ def test_export_directory_contents(exports: Exports) -> None:
     assert config["architectures"] == ["Data2Vec2ForCTC"] and config["pad_token_id"] == 0
     vocab = json.loads((exports.root / "hf-asr" / "vocab.json").read_text())
     assert vocab == {s: i for i, s in enumerate(TASKS["asr"][2]["vocab"])}
+    # what HF's Auto* processors read sits beside the weights, as for data2vec 1.0 exports
+    image = json.loads((exports.root / "hf-image" / "preprocessor_config.json").read_text())
+    assert image["crop_size"] == {"height": 32, "width": 32} and image["resample"] == 3
+    speech = json.loads((exports.root / "hf-speech" / "preprocessor_config.json").read_text())
+    assert speech["sampling_rate"] == 16000 and speech["return_attention_mask"]
+    processor = json.loads((exports.root / "hf-asr" / "processor_config.json").read_text())
+    assert processor["processor_class"] == "Wav2Vec2Processor"
+    assert processor["feature_extractor"]["sampling_rate"] == 16000
+    assert (exports.root / "hf-asr" / "tokenizer_config.json").is_file()
     assert json.loads((exports.root / "hf-text-reg" / "config.json").read_text())[
         "problem_type"] == "regression"
     cfg = load_config("image", "tiny", version=2)  # fine-tuning's drop-path rate travels along

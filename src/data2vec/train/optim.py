@@ -52,10 +52,10 @@ def adamw(groups: list[dict], lr: float, betas: tuple[float, float], eps: float,
     """AdamW, fused (one kernel over all parameters) where torch has it, else foreach.
 
     On CPU torch's default is the per-tensor loop, with one temporary per tensor per op for the
-    allocator to pay for; the fused kernel makes one pass (not re-measured in the committed
-    ``benchmarks/results/speed.json``: its ablation rows were not run). The three give the
-    same update up to rounding (``tests/test_speed_options.py``). ``fused=None``: fused when
-    possible."""
+    allocator to pay for; the fused kernel makes one pass (1.01x on the image Base v1 fp32
+    update, ``benchmarks/results/speed.json``'s ablation rows: within noise there). The three
+    give the same update up to rounding (``tests/test_speed_options.py``). ``fused=None``:
+    fused when possible."""
     params = [p for g in groups for p in g["params"]]
     if fused is None:
         fused = can_fuse(params)
