@@ -31,12 +31,10 @@ the JSON, table and plot from the stored runs without training again).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,7 +42,15 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from budget import ArmSpec, Job, LoadSampler, ProbeSpec, run_jobs, summary  # noqa: E402
+from budget import (  # noqa: E402
+    ArmSpec,
+    Job,
+    ProbeSpec,
+    mode_and_stem,
+    run_measured,
+    study_parser,
+    summary,
+)
 from common import RESULTS, print_table, write_result  # noqa: E402
 
 
@@ -288,28 +294,16 @@ def finish(payload: dict[str, Any], out: Path, name: str) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--quick", action="store_true",
-                       help="every group, 1 seed, 4 s per run (< 5 min)")
-    group.add_argument("--smoke", action="store_true",
-                       help="the first setting of one group and the paper's, 1 seed, 1 s (CI)")
-    group.add_argument("--render", action="store_true",
-                       help="rebuild rows, readings, table and plot of an existing JSON")
+    parser = study_parser(__doc__, "ablations", RESULTS, {
+        "quick": "every group, 1 seed, 4 s per run (< 5 min)",
+        "smoke": "the first setting of one group and the paper's, 1 seed, 1 s (CI)",
+        "render": "rebuild rows, readings, table and plot of an existing JSON",
+        "budget": "CPU seconds per run",
+        "update": "run only --groups and merge them into the existing JSON, keeping the other "
+                  "groups' runs (same mode, seeds and budget)"})
     parser.add_argument("--groups", nargs="+", choices=list(GROUPS))
-    parser.add_argument("--seeds", nargs="+", type=int)
-    parser.add_argument("--budget", type=float, help="CPU seconds per run")
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--name", help="file stem (default ablations, ablations_quick, "
-                                       "ablations_smoke by mode)")
-    parser.add_argument("--update", action="store_true",
-                        help="run only --groups and merge them into the existing JSON, keeping "
-                             "the other groups' runs (same mode, seeds and budget)")
     args = parser.parse_args()
-    mode_name = "smoke" if args.smoke else "quick" if args.quick else "full"
-    name = args.name or ("ablations" if mode_name == "full" else f"ablations_{mode_name}")
+    mode_name, name = mode_and_stem(args, "ablations")
     if args.render:
         render(args.out, name)
         return
@@ -325,12 +319,7 @@ def main() -> None:
         mode["seeds"] = args.seeds
     if args.budget:
         mode["budget"] = args.budget
-    wall = time.perf_counter()
-    load = LoadSampler()
-    runs = run_jobs(jobs_for(chosen, mode), args.workers)
-    record = {"command": "python " + " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-              "load": load.stop(), "total_wall_seconds": time.perf_counter() - wall,
-              "workers": args.workers}
+    runs, record = run_measured(jobs_for(chosen, mode), args.workers)
     measured_by = dict.fromkeys(chosen, record)  # which invocation measured each group
     base = {k: f"benchmarks/presets/image_v{g.version}_matched.yaml + {g.base}"
             for k, g in chosen.items()}

@@ -33,8 +33,10 @@ Example::
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -431,6 +433,44 @@ def run_jobs(jobs: list[Job], workers: int, threads: int = 1) -> list[dict[str, 
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn"),
                              initializer=_worker_init, initargs=(threads,)) as pool:
         return list(pool.map(run_job, jobs))
+
+
+def run_measured(jobs: list[Job], workers: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """:func:`run_jobs`, and the record of this invocation that a study's JSON keeps beside the
+    runs it measured: command, date, the machine's load while they ran, wall-clock, workers."""
+    wall = time.perf_counter()
+    load = LoadSampler()
+    runs = run_jobs(jobs, workers)
+    record = {"command": "python " + " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "load": load.stop(), "total_wall_seconds": time.perf_counter() - wall,
+              "workers": workers}
+    return runs, record
+
+
+def study_parser(doc: str, stem: str, results: Path,
+                 helps: dict[str, str]) -> argparse.ArgumentParser:
+    """The options both studies (``v1_vs_v2.py``, ``ablations.py``) share: one of --quick /
+    --smoke / --render, --seeds, --budget, --workers, --out, --name, --update. `helps`: the
+    study's own help for quick, smoke, render, budget, workers and update."""
+    parser = argparse.ArgumentParser(description=doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    group = parser.add_mutually_exclusive_group()
+    for mode in ("quick", "smoke", "render"):
+        group.add_argument(f"--{mode}", action="store_true", help=helps[mode])
+    parser.add_argument("--seeds", nargs="+", type=int)
+    parser.add_argument("--budget", type=float, help=helps["budget"])
+    parser.add_argument("--workers", type=int, default=2, help=helps.get("workers"))
+    parser.add_argument("--out", type=Path, default=results, help="where the JSON and PNG go")
+    parser.add_argument("--name", help=f"file stem (default {stem}, {stem}_quick, {stem}_smoke "
+                                       "by mode)")
+    parser.add_argument("--update", action="store_true", help=helps["update"])
+    return parser
+
+
+def mode_and_stem(args: argparse.Namespace, stem: str) -> tuple[str, str]:
+    """('full' | 'quick' | 'smoke', the JSON's file stem) of parsed study options."""
+    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+    return mode, args.name or (stem if mode == "full" else f"{stem}_{mode}")
 
 
 class LoadSampler:

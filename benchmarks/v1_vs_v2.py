@@ -20,12 +20,10 @@ teacher / student / decoder / optimizer / EMA.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +35,11 @@ from budget import (  # noqa: E402
     PHASES,
     ArmSpec,
     Job,
-    LoadSampler,
     ProbeSpec,
     mean_curve,
-    run_jobs,
+    mode_and_stem,
+    run_measured,
+    study_parser,
     summary,
     time_to_reach,
 )
@@ -169,31 +168,19 @@ def plot(results: dict[str, dict], path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--quick", action="store_true",
-                       help="every modality, 1 seed, 8 s per arm (< 5 min)")
-    group.add_argument("--smoke", action="store_true",
-                       help="images only, 1 seed, 2 s per arm, small probe (the CI test)")
-    group.add_argument("--render", action="store_true",
-                       help="rebuild the summaries, table and plot of an existing JSON from its "
-                            "stored runs (no training)")
+    parser = study_parser(__doc__, "v1_vs_v2", RESULTS, {
+        "quick": "every modality, 1 seed, 8 s per arm (< 5 min)",
+        "smoke": "images only, 1 seed, 2 s per arm, small probe (the CI test)",
+        "render": "rebuild the summaries, table and plot of an existing JSON from its stored "
+                  "runs (no training)",
+        "budget": "CPU seconds per arm, every modality",
+        "workers": "arms run side by side in this many processes (1 torch thread each; the "
+                   "clock is per-process CPU time)",
+        "update": "run only --modalities and merge them into the existing JSON, keeping the "
+                  "other modalities' runs (same mode and seeds)"})
     parser.add_argument("--modalities", nargs="+", choices=sorted(GOALS))
-    parser.add_argument("--seeds", nargs="+", type=int)
-    parser.add_argument("--budget", type=float, help="CPU seconds per arm, every modality")
-    parser.add_argument("--workers", type=int, default=2,
-                        help="arms run side by side in this many processes (1 torch thread "
-                             "each; the clock is per-process CPU time)")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON and PNG go")
-    parser.add_argument("--name", help="file stem (default v1_vs_v2, v1_vs_v2_quick, "
-                                       "v1_vs_v2_smoke by mode)")
-    parser.add_argument("--update", action="store_true",
-                        help="run only --modalities and merge them into the existing JSON, "
-                             "keeping the other modalities' runs (same mode and seeds)")
     args = parser.parse_args()
-    mode_name = "smoke" if args.smoke else "quick" if args.quick else "full"
-    name = args.name or ("v1_vs_v2" if mode_name == "full" else f"v1_vs_v2_{mode_name}")
+    mode_name, name = mode_and_stem(args, "v1_vs_v2")
     if args.render:
         render(args.out, name)
         return
@@ -203,12 +190,7 @@ def main() -> None:
         mode["seeds"] = args.seeds
     mode["budget"] = {m: args.budget or mode["budget"][m] for m in modalities}
     mode["probe_train"] = {m: mode["probe_train"][m] for m in modalities}
-    wall = time.perf_counter()
-    load = LoadSampler()
-    runs = run_jobs(jobs_for(modalities, mode), args.workers)
-    record = {"command": "python " + " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-              "load": load.stop(), "total_wall_seconds": time.perf_counter() - wall,
-              "workers": args.workers}
+    runs, record = run_measured(jobs_for(modalities, mode), args.workers)
     runs_by = {m: record for m in modalities}  # which invocation measured each modality
     stored_path = args.out / f"{name}.json"
     if args.update and stored_path.exists():
