@@ -260,7 +260,7 @@ def validate(cfg: Config | JointConfig) -> None:
         from data2vec.joint_config import validate_joint
 
         return validate_joint(cfg)
-    _check_ranges(cfg)
+    check_ranges(cfg, RULES)
     enc, obj = cfg.model.encoder, cfg.model.objective
     if enc.dim % enc.num_heads:
         raise ConfigError(f"model.encoder.dim={enc.dim} is not divisible by "
@@ -383,10 +383,6 @@ def check_ranges(cfg: Any, rules: dict[str, tuple[Check, str]], what: str = "con
         rule = rules.get(key)
         if rule is not None and not rule[0](value):
             raise ConfigError(f"{what} '{key}': {value!r} is out of range, expected {rule[1]}")
-
-
-def _check_ranges(cfg: Config) -> None:
-    check_ranges(cfg, RULES)
 
 
 def _validate_pairs(cfg: Config) -> None:
