@@ -15,7 +15,8 @@ teacher / student / decoder / optimizer / EMA.
     python benchmarks/v1_vs_v2.py --modalities speech --update   # one modality, merged in
     python benchmarks/v1_vs_v2.py --quick         # every modality, 1 seed, short (< 5 min),
                                                   #   -> results/v1_vs_v2_quick.*
-    python benchmarks/v1_vs_v2.py --smoke --out /tmp/x   # images only, seconds (the CI test)
+    python benchmarks/v1_vs_v2.py --quick --modalities image --out /tmp/x   # the CI test (~30 s)
+    python benchmarks/v1_vs_v2.py --smoke --out /tmp/x   # images only, seconds
 """
 
 from __future__ import annotations
@@ -170,7 +171,7 @@ def plot(results: dict[str, dict], path: Path) -> None:
 def main() -> None:
     parser = study_parser(__doc__, "v1_vs_v2", RESULTS, {
         "quick": "every modality, 1 seed, 8 s per arm (< 5 min)",
-        "smoke": "images only, 1 seed, 2 s per arm, small probe (the CI test)",
+        "smoke": "images only, 1 seed, 2 s per arm, small probe (a pipeline check)",
         "render": "rebuild the summaries, table and plot of an existing JSON from its stored "
                   "runs (no training)",
         "budget": "CPU seconds per arm, every modality",

@@ -1,6 +1,7 @@
 """The v1-vs-v2 and ablation benchmarks (benchmarks/v1_vs_v2.py, ablations.py, budget.py): the
 matched presets differ only in the method, the per-phase step split adds up, the analysis
-helpers, and the smoke mode end to end with its JSON schema."""
+helpers, and the quick (v1 vs v2, one modality) and smoke (ablations) modes end to end with
+their JSON schema."""
 
 from __future__ import annotations
 
@@ -98,14 +99,15 @@ def test_ablation_verdicts_compare_with_the_papers_setting() -> None:
     assert rows["K=all (6)"]["verdict"] == "the paper's setting"
 
 
-def test_v1_vs_v2_smoke_writes_the_documented_json(home: Path, tmp_path: Path) -> None:
+def test_v1_vs_v2_quick_mode_of_one_modality_writes_the_documented_json(home: Path,
+                                                                        tmp_path: Path) -> None:
     env = {**os.environ, "DATA2VEC_HOME": str(home)}
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "v1_vs_v2.py"), "--smoke",
-                    "--workers", "1", "--out", str(tmp_path)], check=True, env=env,
-                   capture_output=True, text=True, timeout=600)
-    record = json.loads((tmp_path / "v1_vs_v2_smoke.json").read_text())
-    assert (tmp_path / "v1_vs_v2_smoke.png").stat().st_size > 0
-    assert "--smoke" in record["command"] and record["mode"] == "smoke"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "v1_vs_v2.py"), "--quick",
+                    "--modalities", "image", "--workers", "1", "--out", str(tmp_path)],
+                   check=True, env=env, capture_output=True, text=True, timeout=600)
+    record = json.loads((tmp_path / "v1_vs_v2_quick.json").read_text())
+    assert (tmp_path / "v1_vs_v2_quick.png").stat().st_size > 0
+    assert "--quick" in record["command"] and record["mode"] == "quick"
     assert record["seeds"] == [1] and record["budget_cpu_seconds"]["image"] > 0
     assert "loadavg_at_write" in record["machine"]
     assert record["measured_by"]["image"]["load"]["samples"]
