@@ -99,14 +99,20 @@ def test_ablation_verdicts_compare_with_the_papers_setting() -> None:
     assert rows["K=all (6)"]["verdict"] == "the paper's setting"
 
 
+def run_study(script: str, args: list[str], stem: str, home: Path, out: Path) -> dict:
+    """Run one benchmark script in one worker process; its JSON record (the PNG beside it)."""
+    env = {**os.environ, "DATA2VEC_HOME": str(home)}
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args, "--workers", "1",
+                    "--out", str(out)], check=True, env=env, capture_output=True, text=True,
+                   timeout=600)
+    assert (out / f"{stem}.png").stat().st_size > 0
+    return json.loads((out / f"{stem}.json").read_text())
+
+
 def test_v1_vs_v2_quick_mode_of_one_modality_writes_the_documented_json(home: Path,
                                                                         tmp_path: Path) -> None:
-    env = {**os.environ, "DATA2VEC_HOME": str(home)}
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "v1_vs_v2.py"), "--quick",
-                    "--modalities", "image", "--workers", "1", "--out", str(tmp_path)],
-                   check=True, env=env, capture_output=True, text=True, timeout=600)
-    record = json.loads((tmp_path / "v1_vs_v2_quick.json").read_text())
-    assert (tmp_path / "v1_vs_v2_quick.png").stat().st_size > 0
+    record = run_study("v1_vs_v2.py", ["--quick", "--modalities", "image"], "v1_vs_v2_quick",
+                       home, tmp_path)
     assert "--quick" in record["command"] and record["mode"] == "quick"
     assert record["seeds"] == [1] and record["budget_cpu_seconds"]["image"] > 0
     assert "loadavg_at_write" in record["machine"]
@@ -129,12 +135,8 @@ def test_v1_vs_v2_quick_mode_of_one_modality_writes_the_documented_json(home: Pa
 
 
 def test_ablations_smoke_writes_the_documented_json(home: Path, tmp_path: Path) -> None:
-    env = {**os.environ, "DATA2VEC_HOME": str(home)}
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ablations.py"), "--smoke",
-                    "--groups", "target_norm", "--workers", "1", "--out", str(tmp_path)],
-                   check=True, env=env, capture_output=True, text=True, timeout=600)
-    record = json.loads((tmp_path / "ablations_smoke.json").read_text())
-    assert (tmp_path / "ablations_smoke.png").stat().st_size > 0
+    record = run_study("ablations.py", ["--smoke", "--groups", "target_norm"], "ablations_smoke",
+                       home, tmp_path)
     assert "--smoke" in record["command"] and record["mode"] == "smoke"
     assert record["seeds"] == [1] and record["budget_cpu_seconds"] > 0
     assert "cpu" in record["machine"]
